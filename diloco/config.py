@@ -1,0 +1,586 @@
+"""Typed run configuration: defaults, YAML loading, ``--set`` overrides and validation.
+
+A config has one section per concern (``run``, ``model``, ``data``, ``inner``, ``outer``,
+``train``, ``topology``). The defaults below describe the tiny CPU SNOO run. :func:`load_config`
+starts from them, deep-merges a YAML file and ``--set section.key=value`` overrides, then validates:
+the first problem raises :class:`~diloco.errors.ConfigError` with one line naming the key, the value
+and what is allowed. Each field's ``metadata["doc"]`` is its reference text (see
+:func:`config_reference`); ``metadata["choices"]`` lists the allowed values of an enum field.
+
+This module must not import torch: configs are loaded and checked before any heavy import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diloco.errors import ConfigError
+
+__all__ = [
+    "FINGERPRINT_IGNORE",
+    "Config",
+    "DataConfig",
+    "InnerConfig",
+    "ModelConfig",
+    "OuterConfig",
+    "RunConfig",
+    "TopologyConfig",
+    "TrainConfig",
+    "config_fingerprint",
+    "config_from_dict",
+    "config_reference",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+]
+
+
+def _field(default: Any, doc: str, choices: tuple[str, ...] = ()) -> Any:
+    """A dataclass field carrying its reference text and, for an enum, its allowed values."""
+    metadata = {"doc": doc, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes its outputs and how it reports progress."""
+
+    out_dir: str = _field("runs/default", "Run directory: resolved config, metrics, checkpoints.")
+    seed: int = _field(0, "Seed for model initialisation and data order.")
+    device: str = _field(
+        "auto",
+        "Device to train on; auto picks CUDA when available, else CPU.",
+        ("auto", "cpu", "cuda"),
+    )
+    progress: bool = _field(True, "Show a progress bar.")
+    tensorboard: bool = _field(False, "Also write TensorBoard event files to the run directory.")
+
+
+@dataclass
+class ModelConfig:
+    """GPT model shape."""
+
+    vocab_size: int = _field(256, "Vocabulary size (256 = raw bytes; 50304 = padded GPT-2).")
+    block_size: int = _field(128, "Sequence length in tokens.")
+    n_layer: int = _field(4, "Number of transformer blocks.")
+    n_head: int = _field(4, "Attention heads per block; must divide n_embd.")
+    n_embd: int = _field(128, "Embedding (residual stream) width.")
+    dropout: float = _field(0.0, "Dropout probability.")
+    bias: bool = _field(False, "Use biases in linear and LayerNorm layers.")
+
+
+@dataclass
+class DataConfig:
+    """Training corpus and batch size."""
+
+    source: str = _field(
+        "embedded",
+        "Corpus: embedded (small built-in text), text:PATH (a UTF-8 file, byte tokens) or "
+        "bin:GLOB (uint16 token shards).",
+    )
+    batch_size: int = _field(
+        16, "Sequences per inner step per group (the group batch), split evenly across its shards."
+    )
+
+
+@dataclass
+class InnerConfig:
+    """Inner optimiser: the local steps each group takes between synchronisations."""
+
+    optimizer: str = _field("adamw", "Inner optimiser.", ("adamw", "sgd", "muon"))
+    lr: float = _field(3e-3, "Peak learning rate (for muon: of the AdamW-trained parameters).")
+    weight_decay: float = _field(0.1, "Decoupled weight decay.")
+    betas: list[float] = _field([0.9, 0.95], "AdamW (beta1, beta2).")
+    eps: float = _field(1e-8, "AdamW epsilon.")
+    momentum: float = _field(0.95, "Momentum for sgd and muon.")
+    nesterov: bool = _field(True, "Use Nesterov momentum for sgd and muon.")
+    muon_lr: float = _field(0.02, "Learning rate of the 2-D weight matrices when optimizer=muon.")
+    warmup_steps: int = _field(50, "Linear learning-rate warmup steps.")
+    schedule: str = _field(
+        "cosine",
+        "Learning-rate schedule after warmup; wsd = warmup, stable, then linear decay.",
+        ("constant", "cosine", "wsd"),
+    )
+    min_lr_ratio: float = _field(0.1, "Final learning rate as a fraction of the peak.")
+    decay_frac: float = _field(0.2, "wsd: fraction of the steps spent in the final linear decay.")
+    grad_clip: float = _field(1.0, "Gradient-norm clipping threshold; 0 disables clipping.")
+
+
+@dataclass
+class OuterConfig:
+    """Outer optimiser: how group updates are combined every ``sync_every`` inner steps."""
+
+    method: str = _field(
+        "nesterov",
+        "Outer step on the averaged update: nesterov (DiLoCo; SNOO with one group), sgd, "
+        "ema_nesterov, or none (no outer step: plain data-parallel baseline).",
+        ("nesterov", "sgd", "ema_nesterov", "none"),
+    )
+    sync_every: int = _field(16, "K: inner steps per round, between outer steps.")
+    lr: float = _field(0.7, "Outer learning rate (eta).")
+    momentum: float = _field(0.5, "Outer momentum (mu).")
+    ema_beta: float = _field(0.7, "ema_nesterov: peak EMA coefficient (beta_max).")
+    ema_gamma: float = _field(0.99, "ema_nesterov: EMA decay of the momentum buffer (gamma).")
+    ema_init: str = _field(
+        "zero",
+        "ema_nesterov: initial momentum buffer; zero, or the first outer update.",
+        ("zero", "first_increment"),
+    )
+    ema_warmup: float = _field(
+        0.3, "ema_nesterov: fraction of train.steps at the start during which beta = 0."
+    )
+    ema_rest: float = _field(
+        0.1, "ema_nesterov: fraction of train.steps at the end during which beta = 0."
+    )
+    offload: str = _field(
+        "none",
+        "Keep the outer state (global weights, momentum) on: none (device) or cpu.",
+        ("none", "cpu"),
+    )
+    compress: str = _field(
+        "none", "Precision of the exchanged outer updates.", ("none", "bf16", "int8")
+    )
+    fragments: int = _field(
+        1, "Streaming: number of parameter fragments synchronised at staggered times."
+    )
+    sync_delay: int = _field(
+        0, "Streaming: inner steps the outer update may arrive late (overlapped communication)."
+    )
+    mix_alpha: float = _field(
+        0.0, "Streaming: after a sync, weights = alpha * local + (1 - alpha) * global."
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Run length, evaluation, logging, checkpoints and health checks."""
+
+    steps: int = _field(800, "Total inner steps.")
+    eval_every: int = _field(100, "Inner steps between evaluations; 0 = only the final one.")
+    eval_batches: int = _field(8, "Batches per evaluation.")
+    log_every: int = _field(10, "Inner steps between metric log lines.")
+    checkpoint_every: int = _field(0, "Rounds between checkpoints; 0 = no checkpoints.")
+    keep_last: int = _field(2, "Checkpoints kept on disk; older ones are deleted.")
+    max_bad_rounds: int = _field(
+        3, "Consecutive rounds with a non-finite loss or update before the run stops."
+    )
+    check_every: int = _field(10, "Rounds between cross-group weight checksums.")
+
+
+@dataclass
+class TopologyConfig:
+    """Process layout: G groups x S shards = world size."""
+
+    groups: int = _field(1, "G: groups that train independently and meet at outer steps.")
+    shards: int = _field(1, "S: data-parallel shards within each group.")
+    backend: str = _field(
+        "auto",
+        "torch.distributed backend; auto = nccl on CUDA, gloo on CPU.",
+        ("auto", "gloo", "nccl"),
+    )
+    mixed_precision: str = _field(
+        "auto", "Compute precision; auto = bf16 on CUDA, fp32 on CPU.", ("auto", "fp32", "bf16")
+    )
+    timeout_s: int = _field(300, "Process-group timeout in seconds.")
+
+
+@dataclass
+class Config:
+    """A complete run configuration; build it with load_config or config_from_dict to validate."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+_TYPES: dict[str, dict[str, Any]] = {
+    name: typing.get_type_hints(cls) for name, cls in _SECTIONS.items()
+}
+_KEYS: list[str] = [f"{name}.{key}" for name, types in _TYPES.items() for key in types]
+
+#: Settings that do not change the maths, left out of :func:`config_fingerprint`. ``train.steps``
+#: is among them so that a finished run can be resumed with more steps.
+FINGERPRINT_IGNORE: tuple[str, ...] = (
+    "run.out_dir",
+    "run.progress",
+    "run.tensorboard",
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "topology.timeout_s",
+)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load the defaults, merge the YAML file at ``path`` and the ``--set`` overrides, validate.
+
+    Each override is ``section.key=value``; the value is parsed as YAML, so ``true``, ``3e-4`` and
+    ``[0.9, 0.95]`` work. Raises :class:`ConfigError` for any problem.
+    """
+    sections = _sections(_read_yaml(Path(path)), f"config file '{path}'") if path else {}
+    for override in overrides:
+        _apply_override(sections, override)
+    return config_from_dict(sections)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a validated :class:`Config` from nested mappings; absent keys keep their defaults."""
+    sections = {}
+    for name, values in _sections(data, "config").items():
+        specs = {f.name: f for f in dataclasses.fields(_SECTIONS[name])}
+        kwargs = {}
+        for key, value in values.items():
+            dotted = f"{name}.{key}"
+            if key not in specs:
+                raise _unknown_key(name, key)
+            kwargs[key] = _coerce(dotted, value, _TYPES[name][key], specs[key].metadata["choices"])
+        sections[name] = _SECTIONS[name](**kwargs)
+    cfg = Config(**sections)
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain nested dicts of JSON/YAML scalars and lists."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    path.write_text("# Resolved diloco config (defaults + config file + --set overrides).\n" + text)
+
+
+def config_fingerprint(cfg: Config, ignore: Sequence[str] = FINGERPRINT_IGNORE) -> str:
+    """A stable 16-hex-digit hash of every setting except the dotted keys in ``ignore``."""
+    data = config_to_dict(cfg)
+    for dotted in ignore:
+        section, key = dotted.split(".")
+        del data[section][key]
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_reference() -> str:
+    """A Markdown reference of every section and key: default, allowed values and meaning."""
+    lines = []
+    for name, cls in _SECTIONS.items():
+        defaults = cls()
+        lines += ["", f"### `{name}`", "", cls.__doc__, "", "| key | default | meaning |"]
+        lines.append("|---|---|---|")
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            shown = default if isinstance(default, str) else json.dumps(default)
+            choices = f.metadata["choices"]
+            allowed = f" One of: {', '.join(choices)}." if choices else ""
+            lines.append(f"| `{f.name}` | `{shown}` | {f.metadata['doc']}{allowed} |")
+    return "\n".join(lines[1:]) + "\n"
+
+
+# --- reading and merging -------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parse the YAML file at ``path``; missing, unreadable or malformed files raise ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: '{path}'") from None
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(exc)}") from None
+
+
+def _sections(data: Any, origin: str) -> dict[str, dict[str, Any]]:
+    """Copy ``data`` as ``{section: {key: value}}``, rejecting unknown or malformed sections.
+
+    An empty document or an empty section (``outer:`` with nothing under it) counts as ``{}``.
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{origin} must be a mapping of sections ({', '.join(_SECTIONS)}), got {_shown(data)}"
+        )
+    sections = {}
+    for name, values in data.items():
+        if name not in _SECTIONS:
+            close = difflib.get_close_matches(str(name), list(_SECTIONS), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(_SECTIONS)}"
+            raise ConfigError(f"unknown config section '{name}'; {hint}")
+        if values is None:
+            values = {}
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"config section '{name}' must be a mapping of key: value, got {_shown(values)}"
+            )
+        sections[name] = dict(values)
+    return sections
+
+
+def _apply_override(sections: dict[str, dict[str, Any]], override: str) -> None:
+    """Set one ``section.key=value`` override (value parsed as YAML) into ``sections``."""
+    dotted, eq, text = override.partition("=")
+    dotted = dotted.strip()
+    name, dot, key = dotted.partition(".")
+    if not (eq and dot and name and key) or "." in key:
+        close = _closest_key(name, key) if dot else _closest_key("", name)
+        hint = f"; did you mean --set {close}={text}?" if eq and close else ""
+        raise ConfigError(
+            f"--set {override!r} is not of the form --set section.key=value "
+            f"(e.g. --set outer.sync_every=32){hint}"
+        )
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {override!r}: invalid YAML value: {_yaml_problem(exc)}") from None
+    sections.setdefault(name, {})[key] = value
+
+
+def _closest_key(section: str, key: str) -> str | None:
+    """The valid dotted key closest to ``section.key``: same section first, then any section."""
+    same = difflib.get_close_matches(key, list(_TYPES.get(section, {})), n=1)
+    if same:
+        return f"{section}.{same[0]}"
+    anywhere = difflib.get_close_matches(key, [dotted.split(".")[1] for dotted in _KEYS], n=1)
+    return (
+        next(dotted for dotted in _KEYS if dotted.endswith(f".{anywhere[0]}")) if anywhere else None
+    )
+
+
+def _unknown_key(section: str, key: str) -> ConfigError:
+    """The error for an unknown key in a known section, suggesting the closest valid key."""
+    close = _closest_key(section, str(key))
+    hint = (
+        f"did you mean '{close}'?"
+        if close
+        else f"valid keys in '{section}': " + ", ".join(_TYPES[section])
+    )
+    return ConfigError(f"unknown config key '{section}.{key}'; {hint}")
+
+
+# --- types ---------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float if it is a number, or a numeric string such as ``3e-4``.
+
+    PyYAML follows YAML 1.1, which reads ``3e-4`` (no dot) as a string, so those are accepted.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return None
+
+
+def _coerce(key: str, value: Any, hint: Any, choices: tuple[str, ...]) -> Any:
+    """Check ``value`` against a field's type (or its choices); return it in canonical form."""
+    if choices:
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "an integer"
+    elif hint is float:
+        number = _as_float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        expected = "a finite number"
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    else:  # list[float], the only other field type
+        if isinstance(value, (list, tuple)):
+            numbers = [_as_float(item) for item in value]
+            if None not in numbers:
+                return numbers
+        expected = "a list of numbers"
+    raise ConfigError(f"{key} must be {expected}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """``value`` with its type, as in ``'abc' (str)``."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What a YAML parser error complains about, on one line and without its location."""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return " ".join(problem.split())
+
+
+# --- ranges and cross-field rules ----------------------------------------------------------------
+
+_Bound = tuple[Callable[[float], bool], str]
+
+
+def _at_least(low: int, note: str = "") -> _Bound:
+    """Allow values >= ``low``."""
+    return (lambda v: v >= low), f">= {low}{note}"
+
+
+_POSITIVE: _Bound = (lambda v: v > 0), "> 0"
+_FRACTION: _Bound = (lambda v: 0 <= v < 1), "in [0, 1)"
+_CLOSED_FRACTION: _Bound = (lambda v: 0 <= v <= 1), "in [0, 1]"
+
+#: One rule per key: the allowed range of its value.
+_BOUNDS: dict[str, _Bound] = {
+    "run.seed": _at_least(0),
+    "model.vocab_size": _at_least(2),
+    "model.block_size": _at_least(1),
+    "model.n_layer": _at_least(1),
+    "model.n_head": _at_least(1),
+    "model.n_embd": _at_least(1),
+    "model.dropout": _FRACTION,
+    "data.batch_size": _at_least(1),
+    "inner.lr": _POSITIVE,
+    "inner.weight_decay": _at_least(0),
+    "inner.eps": _POSITIVE,
+    "inner.momentum": _FRACTION,
+    "inner.muon_lr": _POSITIVE,
+    "inner.warmup_steps": _at_least(0),
+    "inner.min_lr_ratio": _CLOSED_FRACTION,
+    "inner.decay_frac": _CLOSED_FRACTION,
+    "inner.grad_clip": _at_least(0, " (0 disables clipping)"),
+    "outer.sync_every": _at_least(1),
+    "outer.lr": _POSITIVE,
+    "outer.momentum": _FRACTION,
+    "outer.ema_beta": _FRACTION,
+    "outer.ema_gamma": _FRACTION,
+    "outer.ema_warmup": _FRACTION,
+    "outer.ema_rest": _FRACTION,
+    "outer.fragments": _at_least(1),
+    "outer.sync_delay": _at_least(0),
+    "outer.mix_alpha": _CLOSED_FRACTION,
+    "train.steps": _at_least(1),
+    "train.eval_every": _at_least(0, " (0 = only the final evaluation)"),
+    "train.eval_batches": _at_least(1),
+    "train.log_every": _at_least(1),
+    "train.checkpoint_every": _at_least(0, " (0 = no checkpoints)"),
+    "train.keep_last": _at_least(1),
+    "train.max_bad_rounds": _at_least(1),
+    "train.check_every": _at_least(1),
+    "topology.groups": _at_least(1),
+    "topology.shards": _at_least(1),
+    "topology.timeout_s": _at_least(1),
+}
+
+#: Outer-loop features that need an outer step, with their "off" values.
+_STREAMING_DEFAULTS: dict[str, Any] = {
+    "compress": "none",
+    "fragments": 1,
+    "sync_delay": 0,
+    "mix_alpha": 0.0,
+}
+
+
+def _check(ok: bool, message: str) -> None:
+    """Raise ConfigError(``message``) unless ``ok``."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate(cfg: Config) -> None:
+    """Raise ConfigError for the first value out of range or inconsistent with another."""
+    for dotted, (allowed, text) in _BOUNDS.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        _check(allowed(value), f"{dotted} must be {text}, got {value!r}")
+    run, model, data, inner = cfg.run, cfg.model, cfg.data, cfg.inner
+    outer, train, topology = cfg.outer, cfg.train, cfg.topology
+
+    _check(bool(run.out_dir.strip()), f"run.out_dir must be a non-empty path, got {run.out_dir!r}")
+    _check(
+        model.n_embd % model.n_head == 0,
+        f"model.n_embd ({model.n_embd}) must be divisible by model.n_head ({model.n_head}): "
+        f"each head gets n_embd / n_head dimensions",
+    )
+    kind, _, target = data.source.partition(":")
+    _check(
+        data.source == "embedded" or (kind in ("text", "bin") and bool(target.strip())),
+        f"data.source must be embedded, text:<path> or bin:<glob>, got {data.source!r}",
+    )
+    _check(
+        data.batch_size % topology.shards == 0,
+        f"data.batch_size ({data.batch_size}) must be divisible by topology.shards "
+        f"({topology.shards}): the group batch is split across the shards; "
+        f"e.g. data.batch_size={topology.shards * math.ceil(data.batch_size / topology.shards)}",
+    )
+    _check(
+        len(inner.betas) == 2,
+        f"inner.betas must be two numbers [beta1, beta2], got {inner.betas!r}",
+    )
+    _check(
+        all(0 <= beta < 1 for beta in inner.betas),
+        f"inner.betas must each be in [0, 1), got {inner.betas!r}",
+    )
+    _check(
+        inner.warmup_steps < train.steps,
+        f"inner.warmup_steps ({inner.warmup_steps}) must be < train.steps ({train.steps})",
+    )
+    _check(
+        outer.ema_warmup + outer.ema_rest < 1,
+        f"outer.ema_warmup + outer.ema_rest must be < 1 so that some steps use beta > 0, "
+        f"got {outer.ema_warmup} + {outer.ema_rest}",
+    )
+    _check(
+        outer.fragments <= model.n_layer,
+        f"outer.fragments ({outer.fragments}) must be <= model.n_layer ({model.n_layer}): "
+        f"each fragment holds at least one layer",
+    )
+    _check(
+        outer.sync_delay < outer.sync_every,
+        f"outer.sync_delay ({outer.sync_delay}) must be < outer.sync_every ({outer.sync_every})",
+    )
+    if outer.method == "none":
+        _check(
+            topology.groups == 1,
+            f"outer.method=none with topology.groups={topology.groups}: without an outer step "
+            f"the groups never synchronise; use outer.method=nesterov or sgd, or topology.groups=1",
+        )
+        for key, off in _STREAMING_DEFAULTS.items():
+            value = getattr(outer, key)
+            _check(
+                value == off,
+                f"outer.{key}={value!r} needs an outer step but outer.method is none; "
+                f"use outer.method=nesterov, sgd or ema_nesterov, or outer.{key}={off!r}",
+            )

@@ -1,0 +1,169 @@
+"""Outer optimisers: the update of the slow weights θ from the pseudo-gradient Δ.
+
+Each outer optimiser is a :class:`torch.optim.Optimizer` over the slow weights. The pseudo-
+gradient of a round, Δ_t = mean_g (s_t − φ_g), is passed in as the ``.grad`` of each slow tensor,
+so the outer step reads like any optimiser step. Tensors are whatever this rank holds: full
+parameters in a single process, the local FSDP2 shards (``DTensor.to_local()``) when sharded.
+Every update is elementwise and runs as one ``torch._foreach_*`` pass per operation over all
+tensors.
+
+Besides ``step()``, an outer optimiser knows the *start point* s of the next round (the point
+every group's fast weights restart from) and writes it with :meth:`OuterOptimizer.write_start`.
+
+Maths (DESIGN.md §1; η = ``lr``, μ = ``momentum``):
+
+* :class:`Nesterov` — b ← μ·b + Δ;  θ ← θ − η·(Δ + μ·b);  s = θ.  This is exactly
+  ``torch.optim.SGD(lr=η, momentum=μ, nesterov=True, dampening=0)`` fed Δ as the gradient.
+  With μ = 0 it is plain SGD on Δ: Lookahead (η < 1), local SGD / FedAvg (η = 1).
+* :class:`EMANesterov` — θ_{t+1} = s_t − η·Δ_t;  m ← γ·m + (1 − γ)·(θ_{t+1} − θ_t);
+  s_{t+1} = θ_{t+1} + β_{t+1}·m.  Since s_t = θ_t + β_t·m_t, the increment is
+  θ_{t+1} − θ_t = β_t·m_t − η·Δ_t, so only θ and m are stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["OuterOptimizer", "Nesterov", "EMANesterov", "OUTER_METHODS"]
+
+OUTER_METHODS = ("nesterov", "sgd", "ema_nesterov", "none")
+
+
+class OuterOptimizer(torch.optim.Optimizer):
+    """Base class: an optimiser over slow weights that also writes the next start point."""
+
+    def slow_tensors(self) -> list[Tensor]:
+        """All slow tensors θ, in parameter order."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def write_start(self, fast: list[Tensor]) -> None:
+        """fast ← s, the start point of the next round."""
+        torch._foreach_copy_(fast, self.slow_tensors())
+        self.add_lookahead(fast)
+
+    @torch.no_grad()
+    def add_lookahead(self, tensors: list[Tensor], sign: float = 1.0) -> None:
+        """tensors += sign·(s − θ); s = θ here, so nothing to add."""
+
+    @staticmethod
+    def _pseudo_grads(group: dict) -> list[Tensor]:
+        grads = [p.grad for p in group["params"]]
+        if any(g is None for g in grads):
+            raise RuntimeError("outer step needs the pseudo-gradient in .grad of every slow tensor")
+        return grads
+
+
+class Nesterov(OuterOptimizer):
+    """Nesterov momentum on the pseudo-gradient (DiLoCo, SNOO); ``momentum=0`` is Lookahead/SGD.
+
+    b ← μ·b + Δ;  θ ← θ − η·(Δ + μ·b).  The buffer b has the shape (and sharding) of θ and is
+    only allocated when μ > 0.
+    """
+
+    def __init__(self, params: Iterable[Tensor], lr: float = 0.7, momentum: float = 0.9):
+        if lr <= 0:
+            raise ValueError(f"outer lr must be > 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"outer momentum must be in [0, 1), got {momentum}")
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - maths in the class docstring
+        if closure is not None:
+            raise ValueError("outer optimisers take no closure")
+        for group in self.param_groups:
+            slow = group["params"]
+            grads = self._pseudo_grads(group)
+            lr, mu = group["lr"], group["momentum"]
+            if mu > 0:
+                bufs = [self._momentum_buffer(p) for p in slow]
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+                torch._foreach_add_(slow, grads, alpha=-lr)
+                torch._foreach_add_(slow, bufs, alpha=-lr * mu)
+            else:
+                torch._foreach_add_(slow, grads, alpha=-lr)
+
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
+
+
+class EMANesterov(OuterOptimizer):
+    """Lookahead along an exponential moving average m of past outer increments.
+
+    θ ← θ + u with u = β_t·m − η·Δ  (i.e. θ_{t+1} = s_t − η·Δ_t);
+    m ← γ·m + (1 − γ)·u, or m ← u on the first round when ``ema_init="first_increment"``;
+    next start point s = θ + β·m with β set by :meth:`set_beta` before :meth:`write_start`.
+
+    ``beta`` is the β_t currently baked into the start point; m is updated every round whatever
+    β is. State per slow tensor: ``ema`` (m, shaped like θ). Group state: ``beta`` and
+    ``rounds`` (outer steps taken), both saved in ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1.0,
+        gamma: float = 0.99,
+        ema_init: str = "zero",
+    ):
+        if lr <= 0:
+            raise ValueError(f"outer lr must be > 0, got {lr}")
+        if not 0 <= gamma < 1:
+            raise ValueError(f"ema gamma must be in [0, 1), got {gamma}")
+        if ema_init not in ("zero", "first_increment"):
+            raise ValueError(f"ema_init must be 'zero' or 'first_increment', got {ema_init!r}")
+        super().__init__(params, dict(lr=lr, gamma=gamma, ema_init=ema_init, beta=0.0, rounds=0))
+
+    def _emas(self, group: dict) -> list[Tensor]:
+        emas = []
+        for p in group["params"]:
+            state = self.state[p]
+            if "ema" not in state:
+                state["ema"] = torch.zeros_like(p)
+            emas.append(state["ema"])
+        return emas
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - maths in the class docstring
+        if closure is not None:
+            raise ValueError("outer optimisers take no closure")
+        for group in self.param_groups:
+            slow = group["params"]
+            grads = self._pseudo_grads(group)
+            emas = self._emas(group)
+            # u = β_t·m − η·Δ, built in the gradient buffers (they are scratch after this step).
+            increments = grads
+            torch._foreach_mul_(increments, -group["lr"])
+            if group["beta"] != 0.0:
+                torch._foreach_add_(increments, emas, alpha=group["beta"])
+            torch._foreach_add_(slow, increments)
+            if group["rounds"] == 0 and group["ema_init"] == "first_increment":
+                torch._foreach_copy_(emas, increments)
+            else:
+                torch._foreach_lerp_(emas, increments, 1.0 - group["gamma"])
+            group["rounds"] += 1
+
+    def set_beta(self, beta: float) -> None:
+        """Set β_{t+1}, the lookahead coefficient of the next start point."""
+        for group in self.param_groups:
+            group["beta"] = float(beta)
+
+    @property
+    def beta(self) -> float:
+        return self.param_groups[0]["beta"]
+
+    @torch.no_grad()
+    def add_lookahead(self, tensors: list[Tensor], sign: float = 1.0) -> None:
+        """tensors += sign·β·m (used to form s − φ without materialising s)."""
+        beta = self.beta
+        if beta != 0.0:
+            emas = [e for g in self.param_groups for e in self._emas(g)]
+            torch._foreach_add_(tensors, emas, alpha=sign * beta)

@@ -1,0 +1,263 @@
+"""The training job behind ``diloco train``: config → runtime → model + data → loop → outputs.
+
+The loop, one inner step at a time (every rank of every group runs the same code):
+
+1. draw this group's batch (its own seeded stream) and keep this shard's rows;
+2. forward/backward on the fast weights, clip, ``DiLoCo.step()`` (inner step, and every K
+   steps the outer step), then the LR schedule;
+3. every ``log_every`` steps a ``metrics.jsonl`` record; every ``eval_every`` steps the val
+   loss of the slow weights θ.
+
+Training always ends with a sync, so the final θ contains every inner step; the final val loss
+is measured on that θ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diloco.config import Config, dump_config
+from diloco.data import BatchStream, eval_batches, load_corpus, shard_batch
+from diloco.errors import ConfigError
+from diloco.inner import build_inner_optimizer, build_scheduler
+from diloco.metrics import MetricsLogger, peak_rss_mb
+from diloco.models import GPT, GPTConfig
+from diloco.progress import ProgressBar
+from diloco.topology import Runtime, init_runtime
+from diloco.wrapper import DiLoCo, SyncReport
+
+__all__ = ["train", "build_model", "build_diloco", "evaluate"]
+
+
+def build_model(cfg: Config, vocab_size: int) -> GPT:
+    """The GPT of ``cfg.model``, initialised from ``run.seed`` (identical on every rank)."""
+    if vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus vocabulary "
+            f"({vocab_size}); set model.vocab_size >= {vocab_size}"
+        )
+    torch.manual_seed(cfg.run.seed)
+    m = cfg.model
+    return GPT(
+        GPTConfig(
+            vocab_size=m.vocab_size,
+            block_size=m.block_size,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            n_embd=m.n_embd,
+            dropout=m.dropout,
+            bias=m.bias,
+        )
+    )
+
+
+def build_diloco(cfg: Config, model: nn.Module, runtime: Runtime) -> tuple[DiLoCo, Any]:
+    """Inner optimiser, LR schedule and the DiLoCo wrapper for ``cfg``."""
+    i, o, steps = cfg.inner, cfg.outer, cfg.train.steps
+    inner = build_inner_optimizer(
+        model,
+        i.optimizer,
+        lr=i.lr,
+        weight_decay=i.weight_decay,
+        betas=i.betas,
+        eps=i.eps,
+        momentum=i.momentum,
+        nesterov=i.nesterov,
+        muon_lr=i.muon_lr,
+    )
+    scheduler = build_scheduler(
+        inner,
+        steps,
+        warmup_steps=i.warmup_steps,
+        schedule=i.schedule,
+        min_lr_ratio=i.min_lr_ratio,
+        decay_frac=i.decay_frac,
+    )
+    dl = DiLoCo(
+        model,
+        inner,
+        outer=o.method,
+        sync_every=o.sync_every,
+        outer_lr=o.lr,
+        outer_momentum=o.momentum,
+        ema_beta=o.ema_beta,
+        ema_gamma=o.ema_gamma,
+        ema_init=o.ema_init,
+        ema_warmup_steps=int(o.ema_warmup * steps),
+        ema_rest_steps=int(o.ema_rest * steps),
+        total_steps=steps,
+        reducer=runtime.reducer,
+        offload=o.offload,
+        max_bad_rounds=cfg.train.max_bad_rounds,
+    )
+    return dl, scheduler
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list, runtime: Runtime) -> float:
+    """Mean loss over the fixed val batches (this group's shard rows), averaged over ranks."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        x, y = shard_batch(x, y, runtime.shard, runtime.shards)
+        _, loss = model(x.to(runtime.device), y.to(runtime.device))
+        total += float(loss)
+    model.train(was_training)
+    return runtime.mean(total / len(batches))
+
+
+@dataclass
+class _Timers:
+    """Accumulated inner-step and outer-step seconds (for the summary's step-time ratio)."""
+
+    inner_s: float = 0.0
+    inner_n: int = 0
+    outer_s: float = 0.0
+    outer_n: int = 0
+
+    def summary(self) -> dict[str, float]:
+        inner_ms = 1e3 * self.inner_s / max(1, self.inner_n)
+        outer_ms = 1e3 * self.outer_s / max(1, self.outer_n)
+        return {
+            "inner_step_ms": inner_ms,
+            "outer_step_ms": outer_ms,
+            "outer_over_inner": outer_ms / inner_ms if inner_ms else 0.0,
+        }
+
+
+def _round_fields(report: SyncReport) -> dict[str, float]:
+    fields = {
+        "pseudo_grad_norm": report.pseudo_grad_norm,
+        "outer_skipped": report.skipped,
+        "reduce_s": report.reduce_s,
+        "outer_s": report.delta_s + report.outer_s,
+    }
+    if report.beta:
+        fields["ema_beta"] = report.beta
+    fields.update(report.reducer)
+    return fields
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"run.out_dir={str(out_dir)!r} is not writable ({e.strerror}); choose another directory"
+        ) from None
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run the job described by ``cfg``; returns the summary (also written to summary.json)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+    runtime = init_runtime(cfg.topology, cfg.run.device)
+    try:
+        return _train(cfg, runtime)
+    finally:
+        runtime.close()
+
+
+def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+    out_dir = Path(cfg.run.out_dir)
+    if runtime.is_main:
+        _prepare_out_dir(out_dir)
+        dump_config(cfg, out_dir / "config.yaml")
+    seq_len = cfg.model.block_size
+    corpus = load_corpus(cfg.data.source, seq_len)
+    model = runtime.parallelize(build_model(cfg, corpus.vocab_size), cfg.topology.mixed_precision)
+    dl, scheduler = build_diloco(cfg, model, runtime)
+    stream = BatchStream(corpus.train, cfg.data.batch_size, seq_len, cfg.run.seed, stream=runtime.group)
+    val = eval_batches(corpus.val, cfg.data.batch_size, seq_len, cfg.train.eval_batches)
+    torch.manual_seed(cfg.run.seed + 1000 * runtime.group + runtime.shard)  # dropout streams
+
+    steps, tc = cfg.train.steps, cfg.train
+    tokens_per_step = cfg.data.batch_size * seq_len * runtime.groups
+    logger = MetricsLogger(out_dir, runtime.is_main, cfg.run.tensorboard)
+    bar = ProgressBar(steps, enabled=runtime.is_main and cfg.run.progress)
+    timers = _Timers()
+    start = time.perf_counter()
+    window_start, window_tokens = start, 0
+    val_loss = evaluate(model, val, runtime)
+    logger.log({"step": 0, "outer_step": 0, "tokens": 0, "val_loss": val_loss})
+    round_fields: dict[str, float] = {}
+    model.train()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        x, y = stream.next()
+        x, y = shard_batch(x, y, runtime.shard, runtime.shards)
+        _, loss = model(x.to(runtime.device), y.to(runtime.device))
+        loss.backward()
+        if cfg.inner.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.inner.grad_clip)
+        lr = dl.inner.param_groups[-1]["lr"]
+        report = dl.step()
+        if report is None and step == steps:
+            report = dl.sync()  # the final θ includes every inner step
+        t2 = time.perf_counter()
+        dl.zero_grad()
+        scheduler.step()
+        outer_s = 0.0
+        if report is not None:
+            outer_s = report.delta_s + report.reduce_s + report.outer_s
+            timers.outer_s += outer_s
+            timers.outer_n += 1
+            round_fields = _round_fields(report)
+        timers.inner_s += t2 - t0 - outer_s
+        timers.inner_n += 1
+        window_tokens += tokens_per_step
+
+        eval_now = step == steps or (tc.eval_every and step % tc.eval_every == 0)
+        if not (eval_now or step % tc.log_every == 0):
+            continue
+        now = time.perf_counter()
+        record: dict[str, Any] = {
+            "step": step,
+            "outer_step": dl.outer_steps,
+            "loss": runtime.mean(float(loss.detach())),
+            "lr": lr,
+            "tokens": step * tokens_per_step,
+            "tokens_per_s": window_tokens / max(1e-9, now - window_start),
+        }
+        if not math.isfinite(record["loss"]):
+            record["loss_nonfinite"] = True
+        record.update(round_fields)
+        round_fields = {}
+        if eval_now:
+            with dl.slow_weights():
+                val_loss = evaluate(model, val, runtime)
+            record["val_loss"] = val_loss
+        logger.log(record)
+        bar.update(step, loss=record["loss"], val=val_loss, tok_s=f"{record['tokens_per_s']:.0f}")
+        window_start, window_tokens = time.perf_counter(), 0
+    bar.close()
+    logger.close()
+    wall = time.perf_counter() - start
+    summary = {
+        "final_val_loss": val_loss,
+        "steps": steps,
+        "tokens": steps * tokens_per_step,
+        "wall_s": wall,
+        "tokens_per_s": steps * tokens_per_step / wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "method": cfg.outer.method,
+        "groups": runtime.groups,
+        "shards": runtime.shards,
+        **timers.summary(),
+    }
+    if runtime.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

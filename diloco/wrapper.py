@@ -1,0 +1,365 @@
+"""The DiLoCo / SNOO wrapper: fast weights in the model, slow weights and outer state beside it.
+
+Usage inside any training loop::
+
+    dl = DiLoCo(model, inner_optimizer, outer="nesterov", sync_every=32,
+                outer_lr=0.7, outer_momentum=0.9)
+    loss.backward(); dl.step(); dl.zero_grad()    # outer step every sync_every-th call
+    with dl.slow_weights(): evaluate(model)       # the model holds θ inside the block
+
+A round (DESIGN.md §1): the model's parameters are the fast weights φ. Every ``sync_every``
+inner steps, the pseudo-gradient Δ = s − φ is formed *in the fast weights' own storage*,
+averaged across worker groups by the reducer (no-op for one group: SNOO), handed to the outer
+optimiser as the ``.grad`` of the slow weights θ, and the new start point s is written back into
+the fast weights. Per round that is one elementwise pass to form Δ, the outer update, and one copy
+into the fast weights; no parameter-sized temporary is allocated (except with ``offload``).
+
+All tensors are *local*: a plain parameter in one process, ``DTensor.to_local()`` (this rank's
+FSDP2 shard) when sharded, so nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diloco.errors import CheckpointError, DilocoError
+from diloco.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.reduce import PseudoGradientReducer, SingleGroup
+
+__all__ = ["DiLoCo", "SyncReport", "NonFiniteError"]
+
+
+class NonFiniteError(DilocoError):
+    """Too many consecutive rounds had a non-finite pseudo-gradient."""
+
+
+@dataclass
+class SyncReport:
+    """What one outer step did (one per round, logged by the training job)."""
+
+    round: int
+    inner_steps: int
+    pseudo_grad_norm: float
+    skipped: bool
+    beta: float
+    delta_s: float  # forming Δ in place
+    reduce_s: float  # averaging Δ across groups
+    outer_s: float  # outer update + writing the start point
+    reducer: dict[str, float] = field(default_factory=dict)
+
+
+def local_tensor(p: Tensor) -> Tensor:
+    """This rank's storage of a parameter: the FSDP2 shard of a DTensor, else the tensor itself."""
+    to_local = getattr(p, "to_local", None)
+    return (to_local() if to_local is not None else p).detach()
+
+
+def _default_outer_lr(method: str) -> float:
+    return 1.0 if method == "ema_nesterov" else 0.7
+
+
+class DiLoCo:
+    """Two-loop optimiser: inner steps on the model, an outer step every ``sync_every`` steps.
+
+    Args:
+        model: the module whose parameters are the fast weights (plain or FSDP2-sharded).
+        inner_optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
+        outer: ``"nesterov"`` (DiLoCo/SNOO), ``"sgd"`` (Lookahead, μ = 0), ``"ema_nesterov"`` or
+            ``"none"`` (plain inner optimiser: ``step`` is ``inner_optimizer.step``).
+        sync_every: K, inner steps per round.
+        outer_lr: η (default 0.7; 1.0 for ``ema_nesterov``).
+        outer_momentum: μ for ``nesterov``.
+        ema_beta, ema_gamma, ema_init: β_max, γ and m's initialisation for ``ema_nesterov``.
+        ema_warmup_steps, ema_rest_steps: β = 0 while fewer than ``ema_warmup_steps`` inner
+            steps are done, and from ``total_steps - ema_rest_steps`` on.
+        total_steps: planned inner steps (needed for ``ema_rest_steps``).
+        reducer: averages Δ across worker groups (default: one group, nothing sent).
+        offload: ``"cpu"`` keeps θ and the outer state in host memory (pinned with CUDA).
+        max_bad_rounds: consecutive non-finite rounds tolerated before :class:`NonFiniteError`.
+
+    β of the next start point is β_max · lr / initial_lr, read from the inner optimiser's first
+    param group at the outer step (the LR of the step that closed the round).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        outer: str = "nesterov",
+        sync_every: int = 32,
+        outer_lr: float | None = None,
+        outer_momentum: float = 0.9,
+        ema_beta: float = 0.7,
+        ema_gamma: float = 0.99,
+        ema_init: str = "zero",
+        ema_warmup_steps: int = 0,
+        ema_rest_steps: int = 0,
+        total_steps: int | None = None,
+        reducer: PseudoGradientReducer | None = None,
+        offload: str = "none",
+        max_bad_rounds: int = 3,
+    ):
+        if outer not in ("nesterov", "sgd", "ema_nesterov", "none"):
+            raise ValueError(f"outer must be nesterov, sgd, ema_nesterov or none; got {outer!r}")
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        if not 0 <= ema_beta < 1:
+            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
+        if offload not in ("none", "cpu"):
+            raise ValueError(f"offload must be 'none' or 'cpu', got {offload!r}")
+        if ema_rest_steps and total_steps is None:
+            raise ValueError("ema_rest_steps needs total_steps")
+        self.model = model
+        self.inner = inner_optimizer
+        self.method = outer
+        self.sync_every = sync_every
+        self.reducer = reducer if reducer is not None else SingleGroup()
+        self.ema_beta = ema_beta
+        self.ema_warmup_steps = ema_warmup_steps
+        self.ema_rest_steps = ema_rest_steps
+        self.total_steps = total_steps
+        self.max_bad_rounds = max_bad_rounds
+        self.inner_steps = 0
+        self.steps_in_round = 0
+        self.bad_rounds = 0
+        self._rounds = 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._initial_lr = inner_optimizer.param_groups[0].get(
+            "initial_lr", inner_optimizer.param_groups[0]["lr"]
+        )
+        self.outer: OuterOptimizer | None = None
+        self._staging: list[Tensor] | None = None
+        if outer == "none":
+            return
+        host = offload == "cpu"
+        pin = host and torch.cuda.is_available()
+        slow = [self._clone_local(p, "cpu" if host else None, pin) for p in self.params]
+        if host:
+            self._staging = [torch.empty_like(t, pin_memory=pin) for t in slow]
+        lr = _default_outer_lr(outer) if outer_lr is None else outer_lr
+        if outer == "ema_nesterov":
+            self.outer = EMANesterov(slow, lr=lr, gamma=ema_gamma, ema_init=ema_init)
+        else:
+            self.outer = Nesterov(slow, lr=lr, momentum=outer_momentum if outer == "nesterov" else 0.0)
+
+    @staticmethod
+    def _clone_local(p: Tensor, device: str | None, pin: bool) -> Tensor:
+        t = local_tensor(p)
+        out = torch.empty(t.shape, dtype=t.dtype, device=device or t.device, pin_memory=pin)
+        return out.copy_(t)
+
+    # ------------------------------------------------------------------ views
+    def _reshard(self) -> None:
+        """FSDP2 can leave root parameters unsharded after a no-grad forward; re-shard them."""
+        reshard = getattr(self.model, "reshard", None)
+        if callable(reshard):
+            reshard()
+
+    def fast_tensors(self) -> list[Tensor]:
+        """This rank's fast weights φ (views of the model's parameter storage)."""
+        self._reshard()
+        return [local_tensor(p) for p in self.params]
+
+    def slow_tensors(self) -> list[Tensor]:
+        """This rank's slow weights θ (empty for ``outer="none"``)."""
+        return self.outer.slow_tensors() if self.outer is not None else []
+
+    @property
+    def outer_steps(self) -> int:
+        """Completed rounds, skipped (non-finite) rounds included."""
+        return self._rounds
+
+    # ------------------------------------------------------------------ stepping
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Any = None) -> SyncReport | None:
+        """One inner step; at the end of a round also the outer step (returns its report)."""
+        loss = self.inner.step(closure) if closure is not None else self.inner.step()
+        del loss
+        self.inner_steps += 1
+        if self.outer is None:
+            return None
+        self.steps_in_round += 1
+        if self.steps_in_round == self.sync_every:
+            return self.sync()
+        return None
+
+    def _next_beta(self) -> float:
+        n = self.inner_steps
+        if n < self.ema_warmup_steps:
+            return 0.0
+        if self.total_steps is not None and n >= self.total_steps - self.ema_rest_steps:
+            return 0.0
+        lr = self.inner.param_groups[0]["lr"]
+        return self.ema_beta * lr / self._initial_lr
+
+    @torch.no_grad()
+    def sync(self) -> SyncReport | None:
+        """Close the round now: average Δ, take the outer step, restart the fast weights.
+
+        Called by :meth:`step` every ``sync_every`` steps; call it yourself to end training on
+        a partial round. A no-op (returns None) when no inner step was taken since the last sync.
+        """
+        if self.outer is None or self.steps_in_round == 0:
+            return None
+        t0 = time.perf_counter()
+        fast = self.fast_tensors()
+        slow = self.slow_tensors()
+        work = fast if self._staging is None else self._staging
+        if work is not fast:
+            torch._foreach_copy_(work, fast)
+        # Δ = s − φ in place: work ← θ − φ (+ β·m for EMA-Nesterov).
+        torch._foreach_mul_(work, -1.0)
+        torch._foreach_add_(work, slow)
+        self.outer.add_lookahead(work)
+        t1 = time.perf_counter()
+        reducer_stats = self._average(work, fast)
+        t2 = time.perf_counter()
+        norm = self._global_norm(work)
+        skipped = not math.isfinite(norm)
+        if skipped:
+            self.bad_rounds += 1
+        else:
+            self.bad_rounds = 0
+            for p, d in zip(slow, work):
+                p.grad = d
+            self.outer.step()
+            for p in slow:
+                p.grad = None
+            if isinstance(self.outer, EMANesterov):
+                self.outer.set_beta(self._next_beta())
+        self.outer.write_start(work)  # skipped: the unchanged start point of this round
+        if work is not fast:
+            torch._foreach_copy_(fast, work, non_blocking=True)
+        t3 = time.perf_counter()
+        self._rounds += 1
+        self.steps_in_round = 0
+        report = SyncReport(
+            round=self._rounds,
+            inner_steps=self.inner_steps,
+            pseudo_grad_norm=norm,
+            skipped=skipped,
+            beta=self.outer.beta if isinstance(self.outer, EMANesterov) else 0.0,
+            delta_s=t1 - t0,
+            reduce_s=t2 - t1,
+            outer_s=t3 - t2,
+            reducer=reducer_stats,
+        )
+        if skipped and self.bad_rounds >= self.max_bad_rounds:
+            raise NonFiniteError(
+                f"pseudo-gradient was non-finite for {self.bad_rounds} rounds in a row "
+                f"(last: round {self._rounds}); lower inner.lr or raise train.max_bad_rounds"
+            )
+        return report
+
+    def _average(self, work: list[Tensor], fast: list[Tensor]) -> dict[str, float]:
+        """Average Δ across groups; with offload the collective runs on the device copy."""
+        if self.reducer.groups == 1:
+            return self.reducer.average(work)
+        if work is fast:
+            return self.reducer.average(fast)
+        torch._foreach_copy_(fast, work)
+        stats = self.reducer.average(fast)
+        torch._foreach_copy_(work, fast)
+        return stats
+
+    def _global_norm(self, tensors: list[Tensor]) -> float:
+        """‖Δ‖ over the whole model: local squared norms summed over this group's shards."""
+        if not tensors:
+            return 0.0
+        sq = torch.stack(torch._foreach_norm(tensors)).double().square().sum()
+        return float(self.reducer.sum_over_shards(sq).sqrt())
+
+    # ------------------------------------------------------------------ evaluation
+    @contextlib.contextmanager
+    def slow_weights(self) -> Iterator[nn.Module]:
+        """Within the block the model holds θ; the fast weights come back afterwards.
+
+        Costs nothing when the fast weights already equal θ (right after a sync with no
+        lookahead); otherwise one backup copy of the fast weights.
+        """
+        if self.outer is None or self._fast_equals_slow():
+            yield self.model
+            return
+        with torch.no_grad():
+            backup = [t.clone() for t in self.fast_tensors()]
+            torch._foreach_copy_(self.fast_tensors(), self.slow_tensors())
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.fast_tensors(), backup)
+
+    def _fast_equals_slow(self) -> bool:
+        at_start = self.steps_in_round == 0
+        lookahead = isinstance(self.outer, EMANesterov) and self.outer.beta != 0.0
+        return at_start and not lookahead
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Slow weights, outer and inner state, counters; the fast weights only mid-round."""
+        sd: dict[str, Any] = {
+            "method": self.method,
+            "inner": self.inner.state_dict(),
+            "inner_steps": self.inner_steps,
+            "steps_in_round": self.steps_in_round,
+            "rounds": self._rounds,
+            "bad_rounds": self.bad_rounds,
+        }
+        if self.outer is not None:
+            sd["slow"] = [t.detach().clone() for t in self.slow_tensors()]
+            sd["outer"] = self.outer.state_dict()
+            if self.steps_in_round:
+                sd["fast"] = [t.clone() for t in self.fast_tensors()]
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the fast weights are restored too (or rebuilt as s)."""
+        if sd.get("method") != self.method:
+            raise CheckpointError(
+                f"state is for outer method {sd.get('method')!r}, this run uses {self.method!r}"
+            )
+        self.inner.load_state_dict(sd["inner"])
+        self.inner_steps = sd["inner_steps"]
+        self.steps_in_round = sd["steps_in_round"]
+        self._rounds = sd["rounds"]
+        self.bad_rounds = sd["bad_rounds"]
+        if self.outer is None:
+            return
+        slow = self.slow_tensors()
+        _check_shapes("slow weights", sd["slow"], slow)
+        torch._foreach_copy_(slow, sd["slow"])
+        self.outer.load_state_dict(sd["outer"])
+        fast = self.fast_tensors()
+        if self.steps_in_round:
+            _check_shapes("fast weights", sd["fast"], fast)
+            torch._foreach_copy_(fast, sd["fast"])
+        elif self._staging is None:
+            self.outer.write_start(fast)
+        else:
+            self.outer.write_start(self._staging)
+            torch._foreach_copy_(fast, self._staging)
+
+
+def _check_shapes(what: str, saved: list[Tensor], current: list[Tensor]) -> None:
+    if len(saved) != len(current):
+        raise CheckpointError(
+            f"{what}: saved state has {len(saved)} tensors, the model has {len(current)}; "
+            "it comes from a different model shape"
+        )
+    for i, (a, b) in enumerate(zip(saved, current)):
+        if a.shape != b.shape:
+            raise CheckpointError(
+                f"{what}: tensor {i} has shape {tuple(a.shape)} in the saved state but "
+                f"{tuple(b.shape)} in the model; it comes from a different model shape"
+            )

@@ -1,0 +1,528 @@
+"""Specification of diloco.config: defaults, loading, overrides, validation and fingerprints."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from diloco.config import (
+    FINGERPRINT_IGNORE,
+    Config,
+    config_fingerprint,
+    config_from_dict,
+    config_reference,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
+from diloco.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def nested(settings: dict[str, object]) -> dict[str, dict[str, object]]:
+    """``{"outer.lr": 1}`` -> ``{"outer": {"lr": 1}}``."""
+    out: dict[str, dict[str, object]] = {}
+    for dotted, value in settings.items():
+        section, key = dotted.split(".")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def error_for(settings: dict[str, object]) -> str:
+    """The one-line ConfigError message that ``settings`` (dotted keys) on the defaults raise."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(nested(settings))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+# --- defaults and shipped configs ----------------------------------------------------------------
+
+
+def test_defaults_are_the_tiny_cpu_snoo_run_and_validate():
+    cfg = load_config()
+    assert cfg == Config() == config_from_dict({})
+    assert (cfg.outer.method, cfg.outer.sync_every, cfg.outer.lr, cfg.outer.momentum) == (
+        "nesterov",
+        16,
+        0.7,
+        0.5,
+    )
+    assert (cfg.topology.groups, cfg.topology.shards, cfg.run.device) == (1, 1, "auto")
+
+
+def test_every_field_has_a_doc_and_appears_in_the_reference():
+    reference = config_reference()
+    for section in dataclasses.fields(Config):
+        assert f"### `{section.name}`" in reference
+        for f in dataclasses.fields(section.default_factory):
+            assert f.metadata["doc"], f"{section.name}.{f.name} has no doc"
+            assert f"| `{f.name}` |" in reference
+
+
+def test_config_module_does_not_import_torch():
+    tree = ast.parse((ROOT / "diloco" / "config.py").read_text())
+    imported = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+    assert "torch" not in imported
+
+
+def test_configs_directory_ships_the_documented_files():
+    names = {path.name for path in SHIPPED}
+    assert names >= {
+        "tiny_snoo.yaml",
+        "tiny_adamw.yaml",
+        "tiny_ema_nesterov_k1.yaml",
+        "tiny_ema_nesterov_k16.yaml",
+        "tiny_diloco_2x2_cpu.yaml",
+        "gpt124m_gpu.yaml",
+        "gpt124m_8gpu_diloco.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[path.name for path in SHIPPED])
+def test_shipped_config_loads_and_its_header_says_how_to_run_it(path):
+    load_config(str(path))
+    text = path.read_text()
+    assert text.startswith("# ")
+    assert f"--config configs/{path.name}" in text
+
+
+def test_tiny_snoo_is_the_defaults_written_out():
+    cfg = load_config(str(ROOT / "configs" / "tiny_snoo.yaml"))
+    assert cfg.run.out_dir == "runs/tiny_snoo"
+    assert dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir="runs/default")) == (
+        Config()
+    )
+
+
+def test_tiny_adamw_differs_from_tiny_snoo_only_by_having_no_outer_step():
+    snoo = load_config(str(ROOT / "configs" / "tiny_snoo.yaml"))
+    adamw = load_config(str(ROOT / "configs" / "tiny_adamw.yaml"))
+    assert adamw.outer.method == "none"
+    assert dataclasses.replace(adamw.outer, method="nesterov") == snoo.outer
+    assert config_fingerprint(adamw, ("run.out_dir", "outer.method")) == config_fingerprint(
+        snoo, ("run.out_dir", "outer.method")
+    )
+
+
+def test_ema_nesterov_k1_is_the_paper_form():
+    outer = load_config(str(ROOT / "configs" / "tiny_ema_nesterov_k1.yaml")).outer
+    assert (outer.method, outer.sync_every, outer.lr) == ("ema_nesterov", 1, 1.0)
+    assert (outer.ema_beta, outer.ema_gamma, outer.ema_init) == (0.7, 0.99, "first_increment")
+    assert (outer.ema_warmup, outer.ema_rest) == (0.3, 0.1)
+
+
+def test_gpt124m_configs_describe_gpt2_small_on_fineweb():
+    for name in ("gpt124m_gpu.yaml", "gpt124m_8gpu_diloco.yaml"):
+        cfg = load_config(str(ROOT / "configs" / name))
+        model = cfg.model
+        assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (12, 12, 768, 1024)
+        assert model.vocab_size == 50304
+        assert cfg.data.source == "bin:data/fineweb10B/fineweb_train_*.bin"
+        assert (cfg.inner.lr, cfg.inner.warmup_steps, cfg.train.steps) == (6e-4, 700, 5000)
+        assert (cfg.outer.sync_every, cfg.outer.lr, cfg.outer.momentum) == (32, 0.7, 0.9)
+        assert (cfg.run.device, cfg.topology.mixed_precision) == ("cuda", "bf16")
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def test_file_values_are_deep_merged_over_the_defaults(tmp_path):
+    cfg = load_config(str(write(tmp_path, "outer:\n  lr: 0.9\n")))
+    assert cfg.outer.lr == 0.9
+    assert cfg.outer.momentum == Config().outer.momentum
+    assert cfg.model == Config().model
+
+
+def test_empty_file_and_empty_section_mean_defaults(tmp_path):
+    assert load_config(str(write(tmp_path, "# nothing\n"))) == Config()
+    assert load_config(str(write(tmp_path, "outer:\n"))) == Config()
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_yaml_syntax_error_gives_file_and_line(tmp_path):
+    path = write(tmp_path, "outer:\n  lr: 0.7\n  momentum: [0.5\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4:1: invalid YAML: "):
+        load_config(str(path))
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match=r"must be a mapping of sections .*got \['a'\] \(list\)"):
+        load_config(str(write(tmp_path, "- a\n")))
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match=r"section 'outer' must be a mapping .*got 5 \(int\)"):
+        load_config(str(write(tmp_path, "outer: 5\n")))
+
+
+# --- unknown keys --------------------------------------------------------------------------------
+
+
+def test_typo_in_a_key_suggests_the_closest_key():
+    assert error_for({"outer.sync_evry": 8}) == (
+        "unknown config key 'outer.sync_evry'; did you mean 'outer.sync_every'?"
+    )
+
+
+def test_typo_in_a_section_suggests_the_closest_section():
+    with pytest.raises(
+        ConfigError, match=r"^unknown config section 'outr'; did you mean 'outer'\?$"
+    ):
+        config_from_dict({"outr": {"lr": 1.0}})
+
+
+def test_unknown_key_without_a_close_match_lists_the_section_keys():
+    message = error_for({"topology.zzzz": 1})
+    assert message.startswith("unknown config key 'topology.zzzz'; valid keys in 'topology': ")
+    assert "groups, shards, backend" in message
+
+
+# --- --set overrides -----------------------------------------------------------------------------
+
+
+def test_overrides_parse_values_as_yaml():
+    cfg = load_config(
+        overrides=[
+            "outer.sync_every=32",
+            "inner.lr=3e-4",
+            "run.progress=false",
+            "inner.betas=[0.8, 0.99]",
+            "outer.method=ema_nesterov",
+            "data.source=text:corpus.txt",
+        ]
+    )
+    assert cfg.outer.sync_every == 32
+    assert cfg.inner.lr == 3e-4
+    assert cfg.run.progress is False
+    assert cfg.inner.betas == [0.8, 0.99]
+    assert cfg.outer.method == "ema_nesterov"
+    assert cfg.data.source == "text:corpus.txt"
+
+
+def test_overrides_win_over_the_file_and_apply_in_order(tmp_path):
+    path = write(tmp_path, "outer:\n  lr: 0.9\n  momentum: 0.8\n")
+    cfg = load_config(str(path), ["outer.lr=0.5", "outer.lr=0.6"])
+    assert (cfg.outer.lr, cfg.outer.momentum) == (0.6, 0.8)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["outer.sync_every", "sync_every=8", "=8", "outer.=8", "outer.sync.every=8"],
+    ids=["no-equals", "no-section", "no-key", "empty-key", "too-deep"],
+)
+def test_malformed_override_shows_the_expected_form(override):
+    with pytest.raises(ConfigError, match=r"is not of the form --set section\.key=value"):
+        load_config(overrides=[override])
+
+
+def test_override_without_section_suggests_the_full_key():
+    with pytest.raises(ConfigError, match=r"did you mean --set outer\.sync_every=8\?$"):
+        load_config(overrides=["sync_every=8"])
+
+
+def test_override_with_invalid_yaml_value_names_the_override():
+    with pytest.raises(ConfigError, match=r"^--set 'inner\.betas=\[0\.9,': invalid YAML value: "):
+        load_config(overrides=["inner.betas=[0.9,"])
+
+
+def test_override_of_an_unknown_key_suggests_the_closest_key():
+    with pytest.raises(ConfigError, match=r"did you mean 'outer\.sync_every'\?"):
+        load_config(overrides=["outer.sync_evry=8"])
+
+
+# --- types ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("outer.sync_every", "abc", "outer.sync_every must be an integer, got 'abc' (str)"),
+        ("train.steps", True, "train.steps must be an integer, got True (bool)"),
+        ("train.steps", 10.0, "train.steps must be an integer, got 10.0 (float)"),
+        ("outer.lr", "fast", "outer.lr must be a finite number, got 'fast' (str)"),
+        ("outer.lr", True, "outer.lr must be a finite number, got True (bool)"),
+        ("outer.lr", float("inf"), "outer.lr must be a finite number, got inf (float)"),
+        ("outer.lr", float("nan"), "outer.lr must be a finite number, got nan (float)"),
+        ("run.progress", 1, "run.progress must be true or false, got 1 (int)"),
+        ("run.out_dir", 7, "run.out_dir must be a string, got 7 (int)"),
+        ("inner.betas", 0.9, "inner.betas must be a list of numbers, got 0.9 (float)"),
+        ("inner.betas", [0.9, "x"], "inner.betas must be a list of numbers, got [0.9, 'x'] (list)"),
+    ],
+    ids=[
+        "int-from-str",
+        "bool-is-not-int",
+        "float-is-not-int",
+        "float-from-word",
+        "bool-is-not-float",
+        "float-inf",
+        "float-nan",
+        "bool-from-int",
+        "str-from-int",
+        "list-from-scalar",
+        "list-of-non-numbers",
+    ],
+)
+def test_wrong_type_names_key_value_and_expected_type(key, value, message):
+    assert error_for({key: value}) == message
+
+
+def test_int_is_accepted_for_a_float_field_and_stored_as_float():
+    cfg = config_from_dict({"outer": {"lr": 1}, "inner": {"betas": [0, 1 / 2]}})
+    assert cfg.outer.lr == 1.0 and isinstance(cfg.outer.lr, float)
+    assert cfg.inner.betas == [0.0, 0.5] and all(isinstance(b, float) for b in cfg.inner.betas)
+
+
+def test_yaml_1_1_exponent_strings_are_read_as_floats(tmp_path):
+    # PyYAML reads 3e-4 (no dot) as a string; a float field accepts it as the number.
+    cfg = load_config(str(write(tmp_path, "inner:\n  lr: 3e-4\n  eps: 1e-6\n")))
+    assert (cfg.inner.lr, cfg.inner.eps) == (3e-4, 1e-6)
+
+
+ENUMS = {
+    "run.device": "auto, cpu, cuda",
+    "inner.optimizer": "adamw, sgd, muon",
+    "inner.schedule": "constant, cosine, wsd",
+    "outer.method": "nesterov, sgd, ema_nesterov, none",
+    "outer.ema_init": "zero, first_increment",
+    "outer.offload": "none, cpu",
+    "outer.compress": "none, bf16, int8",
+    "topology.backend": "auto, gloo, nccl",
+    "topology.mixed_precision": "auto, fp32, bf16",
+}
+
+
+@pytest.mark.parametrize(("key", "allowed"), ENUMS.items(), ids=list(ENUMS))
+def test_enum_lists_the_allowed_values(key, allowed):
+    assert error_for({key: "adam"}) == f"{key} must be one of {allowed}; got 'adam'"
+
+
+def test_enum_rejects_a_yaml_bool_read_from_off(tmp_path):
+    with pytest.raises(ConfigError, match="outer.offload must be one of none, cpu; got False"):
+        load_config(str(write(tmp_path, "outer:\n  offload: off\n")))
+
+
+# --- ranges: one rule per key --------------------------------------------------------------------
+
+# (key, rejected value, accepted edge value, allowed range as the message states it)
+RANGES = [
+    ("run.seed", -1, 0, ">= 0"),
+    ("model.vocab_size", 1, 2, ">= 2"),
+    ("model.block_size", 0, 1, ">= 1"),
+    ("model.n_layer", 0, 1, ">= 1"),
+    ("model.n_head", 0, 1, ">= 1"),
+    ("model.n_embd", 0, 4, ">= 1"),
+    ("model.dropout", 1.0, 0.0, "in [0, 1)"),
+    ("data.batch_size", 0, 1, ">= 1"),
+    ("inner.lr", 0.0, 1e-9, "> 0"),
+    ("inner.weight_decay", -0.1, 0.0, ">= 0"),
+    ("inner.eps", 0.0, 1e-12, "> 0"),
+    ("inner.momentum", 1.0, 0.0, "in [0, 1)"),
+    ("inner.muon_lr", -0.02, 1e-9, "> 0"),
+    ("inner.warmup_steps", -1, 0, ">= 0"),
+    ("inner.min_lr_ratio", 1.5, 1.0, "in [0, 1]"),
+    ("inner.decay_frac", -0.1, 0.0, "in [0, 1]"),
+    ("inner.grad_clip", -1.0, 0.0, ">= 0 (0 disables clipping)"),
+    ("outer.sync_every", 0, 1, ">= 1"),
+    ("outer.lr", 0.0, 1e-9, "> 0"),
+    ("outer.momentum", 1.0, 0.0, "in [0, 1)"),
+    ("outer.ema_beta", 1.0, 0.0, "in [0, 1)"),
+    ("outer.ema_gamma", -0.5, 0.0, "in [0, 1)"),
+    ("outer.ema_warmup", 1.0, 0.0, "in [0, 1)"),
+    ("outer.ema_rest", -0.1, 0.0, "in [0, 1)"),
+    ("outer.fragments", 0, 1, ">= 1"),
+    ("outer.sync_delay", -1, 0, ">= 0"),
+    ("outer.mix_alpha", 1.5, 1.0, "in [0, 1]"),
+    ("train.steps", 0, 51, ">= 1"),
+    ("train.eval_every", -1, 0, ">= 0 (0 = only the final evaluation)"),
+    ("train.eval_batches", 0, 1, ">= 1"),
+    ("train.log_every", 0, 1, ">= 1"),
+    ("train.checkpoint_every", -1, 0, ">= 0 (0 = no checkpoints)"),
+    ("train.keep_last", 0, 1, ">= 1"),
+    ("train.max_bad_rounds", 0, 1, ">= 1"),
+    ("train.check_every", 0, 1, ">= 1"),
+    ("topology.groups", 0, 1, ">= 1"),
+    ("topology.shards", 0, 1, ">= 1"),
+    ("topology.timeout_s", 0, 1, ">= 1"),
+]
+RANGE_IDS = [key for key, *_ in RANGES]
+
+
+@pytest.mark.parametrize(("key", "bad", "edge", "allowed"), RANGES, ids=RANGE_IDS)
+def test_out_of_range_value_names_key_value_and_range(key, bad, edge, allowed):
+    assert error_for({key: bad}) == f"{key} must be {allowed}, got {bad!r}"
+
+
+@pytest.mark.parametrize(("key", "bad", "edge", "allowed"), RANGES, ids=RANGE_IDS)
+def test_edge_of_the_range_is_accepted(key, bad, edge, allowed):
+    config_from_dict(nested({key: edge}))
+
+
+# --- cross-field and format rules ----------------------------------------------------------------
+
+RULES = {
+    "out_dir-non-empty": (
+        {"run.out_dir": " "},
+        "run.out_dir must be a non-empty path, got ' '",
+    ),
+    "n_embd-divisible-by-n_head": (
+        {"model.n_embd": 100, "model.n_head": 3},
+        "model.n_embd (100) must be divisible by model.n_head (3)",
+    ),
+    "source-format": (
+        {"data.source": "corpus.txt"},
+        "data.source must be embedded, text:<path> or bin:<glob>, got 'corpus.txt'",
+    ),
+    "source-needs-a-path": (
+        {"data.source": "text:"},
+        "data.source must be embedded, text:<path> or bin:<glob>, got 'text:'",
+    ),
+    "batch-divisible-by-shards": (
+        {"data.batch_size": 15, "topology.shards": 2},
+        "data.batch_size (15) must be divisible by topology.shards (2): the group batch is split "
+        "across the shards; e.g. data.batch_size=16",
+    ),
+    "betas-length-2": (
+        {"inner.betas": [0.9]},
+        "inner.betas must be two numbers [beta1, beta2], got [0.9]",
+    ),
+    "betas-in-unit-interval": (
+        {"inner.betas": [0.9, 1.0]},
+        "inner.betas must each be in [0, 1), got [0.9, 1.0]",
+    ),
+    "warmup-shorter-than-run": (
+        {"inner.warmup_steps": 800},
+        "inner.warmup_steps (800) must be < train.steps (800)",
+    ),
+    "ema-warmup-plus-rest-below-1": (
+        {"outer.ema_warmup": 0.6, "outer.ema_rest": 0.4},
+        "outer.ema_warmup + outer.ema_rest must be < 1 so that some steps use beta > 0, "
+        "got 0.6 + 0.4",
+    ),
+    "fragments-at-most-n_layer": (
+        {"outer.fragments": 5},
+        "outer.fragments (5) must be <= model.n_layer (4): each fragment holds at least one layer",
+    ),
+    "sync_delay-below-sync_every": (
+        {"outer.sync_delay": 16},
+        "outer.sync_delay (16) must be < outer.sync_every (16)",
+    ),
+    "method-none-needs-one-group": (
+        {"outer.method": "none", "topology.groups": 2},
+        "outer.method=none with topology.groups=2: without an outer step the groups never "
+        "synchronise; use outer.method=nesterov or sgd, or topology.groups=1",
+    ),
+}
+
+
+@pytest.mark.parametrize(("settings", "message"), RULES.values(), ids=list(RULES))
+def test_cross_field_rule_names_both_values_and_the_fix(settings, message):
+    assert error_for(settings).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("compress", "int8"), ("fragments", 2), ("sync_delay", 1), ("mix_alpha", 0.5)],
+)
+def test_streaming_options_need_an_outer_step(key, value):
+    message = error_for({"outer.method": "none", f"outer.{key}": value})
+    assert message.startswith(f"outer.{key}={value!r} needs an outer step")
+    assert "use outer.method=nesterov, sgd or ema_nesterov" in message
+
+
+@pytest.mark.parametrize("method", ["nesterov", "sgd", "ema_nesterov"])
+def test_streaming_options_are_accepted_with_an_outer_step(method):
+    config_from_dict(
+        nested(
+            {
+                "outer.method": method,
+                "outer.compress": "int8",
+                "outer.fragments": 2,
+                "outer.sync_delay": 1,
+                "outer.mix_alpha": 0.5,
+            }
+        )
+    )
+
+
+@pytest.mark.parametrize("source", ["embedded", "text:data/tiny.txt", "bin:data/*.bin"])
+def test_valid_data_sources_are_not_checked_for_existence(source):
+    assert config_from_dict({"data": {"source": source}}).data.source == source
+
+
+# --- serialisation and fingerprint ---------------------------------------------------------------
+
+CUSTOM = {
+    "run.out_dir": "runs/x",
+    "inner.lr": 3e-4,
+    "inner.eps": 1e-10,
+    "inner.betas": [0.8, 0.99],
+    "outer.method": "ema_nesterov",
+    "topology.shards": 2,
+    "run.tensorboard": True,
+}
+
+
+def test_config_to_dict_is_json_serialisable_and_round_trips():
+    cfg = config_from_dict(nested(CUSTOM))
+    data = json.loads(json.dumps(config_to_dict(cfg)))
+    assert config_from_dict(data) == cfg
+
+
+def test_dump_then_load_gives_an_equal_config(tmp_path):
+    cfg = config_from_dict(nested(CUSTOM))
+    path = tmp_path / "run" / "config.yaml"
+    dump_config(cfg, path)
+    assert load_config(str(path)) == cfg
+
+
+def test_fingerprint_is_a_stable_hex_digest():
+    fingerprint = config_fingerprint(Config())
+    assert fingerprint == config_fingerprint(load_config())
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
+
+
+@pytest.mark.parametrize("key", FINGERPRINT_IGNORE)
+def test_fingerprint_ignores_settings_that_do_not_change_the_maths(key):
+    value = {"run.out_dir": "elsewhere", "run.progress": False, "run.tensorboard": True}.get(
+        key, 99
+    )
+    assert config_fingerprint(config_from_dict(nested({key: value}))) == config_fingerprint(
+        Config()
+    )
+
+
+def test_fingerprint_ignores_train_steps_so_a_run_can_be_extended():
+    longer = config_from_dict({"train": {"steps": 1600}})
+    assert config_fingerprint(longer) == config_fingerprint(Config())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"outer.lr": 0.8}, {"inner.betas": [0.9, 0.99]}, {"topology.groups": 2}, {"run.seed": 1}],
+    ids=["outer.lr", "inner.betas", "topology.groups", "run.seed"],
+)
+def test_fingerprint_changes_with_settings_that_change_the_maths(settings):
+    assert config_fingerprint(config_from_dict(nested(settings))) != config_fingerprint(Config())
