@@ -148,7 +148,7 @@ class OuterConfig:
     )
     offload: str = _field(
         "none",
-        "Keep the outer state (global weights, momentum) on: none (device) or cpu.",
+        "Where the outer state (global weights, momentum) lives: none = device, cpu = host RAM.",
         ("none", "cpu"),
     )
     compress: str = _field(
@@ -369,21 +369,18 @@ def _closest_key(section: str, key: str) -> str | None:
     same = difflib.get_close_matches(key, list(_TYPES.get(section, {})), n=1)
     if same:
         return f"{section}.{same[0]}"
-    anywhere = difflib.get_close_matches(key, [dotted.split(".")[1] for dotted in _KEYS], n=1)
-    return (
-        next(dotted for dotted in _KEYS if dotted.endswith(f".{anywhere[0]}")) if anywhere else None
-    )
+    by_name = {dotted.split(".")[1]: dotted for dotted in reversed(_KEYS)}  # first section wins
+    anywhere = difflib.get_close_matches(key, list(by_name), n=1)
+    return by_name[anywhere[0]] if anywhere else None
 
 
 def _unknown_key(section: str, key: str) -> ConfigError:
     """The error for an unknown key in a known section, suggesting the closest valid key."""
     close = _closest_key(section, str(key))
-    hint = (
-        f"did you mean '{close}'?"
-        if close
-        else f"valid keys in '{section}': " + ", ".join(_TYPES[section])
-    )
-    return ConfigError(f"unknown config key '{section}.{key}'; {hint}")
+    if close:
+        return ConfigError(f"unknown config key '{section}.{key}'; did you mean '{close}'?")
+    valid = ", ".join(_TYPES[section])
+    return ConfigError(f"unknown config key '{section}.{key}'; valid keys in '{section}': {valid}")
 
 
 # --- types ---------------------------------------------------------------------------------------
