@@ -1,4 +1,6 @@
-"""The ``diloco`` command line: ``diloco train [--config FILE] [--set section.key=value ...]``.
+"""The ``diloco`` command line: ``diloco train [--config FILE] [--set section.key=value ...]``,
+``diloco train … [--resume auto|never|PATH] [--force]``, ``diloco export RUN_DIR --out FILE``,
+``diloco plot RUN_DIR ... --out curves.png`` and ``diloco summary RUN_DIR ... [--json]``.
 
 User errors (:class:`diloco.errors.DilocoError`) print one line, ``diloco: error: …``, and exit
 with status 2; anything else is a bug and keeps its traceback.
@@ -7,12 +9,16 @@ with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 from diloco.errors import DilocoError
 
 __all__ = ["main"]
+
+_RANK_ERROR_GRACE_S = 2.0
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -32,12 +38,76 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from diloco.train import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
+    summary = train(cfg, resume=args.resume, force=args.force)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports for the whole job
     print(
         f"final val loss {summary['final_val_loss']:.4f} after {summary['steps']} steps "
         f"({summary['tokens']} tokens, {summary['wall_s']:.1f} s); outputs in {cfg.run.out_dir}"
     )
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from diloco.export import export
+
+    info = export(args.run_dir, args.out)
+    print(f"wrote θ of {info['checkpoint']} (step {info['step']}, {info['params']} parameters) "
+          f"to {info['out']}")
+    return 0
+
+
+def _load_runs(args: argparse.Namespace) -> list:
+    from diloco.runs import load_run
+
+    labels = args.labels or [None] * len(args.run_dirs)
+    if len(labels) != len(args.run_dirs):
+        raise DilocoError(
+            f"got {len(labels)} --label for {len(args.run_dirs)} run directories; "
+            "give one --label per RUN_DIR, in the same order, or none"
+        )
+    return [load_run(path, label) for path, label in zip(args.run_dirs, labels, strict=True)]
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from diloco.plot import plot_runs
+
+    out = plot_runs(_load_runs(args), args.out, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from diloco.summary import format_json, format_markdown, summary_row
+
+    rows = [summary_row(run) for run in _load_runs(args)]
+    print(format_json(rows) if args.json else format_markdown(rows), end="")
+    return 0
+
+
+def _add_report_parsers(sub: argparse._SubParsersAction) -> None:
+    """``plot`` and ``summary``: read run directories back (no torch needed)."""
+    for name, help_text in (
+        ("plot", "overlay val/train loss vs tokens of several runs in one image"),
+        ("summary", "compare runs in a table: final val loss, tokens/s, wall time, memory"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.out_dir of a run")
+        p.add_argument(
+            "--label",
+            dest="labels",
+            action="append",
+            metavar="TEXT",
+            help="legend/table name of the next RUN_DIR (repeat once per run; default: from "
+            "its config.yaml, e.g. 'SNOO (AdamW, K=16)')",
+        )
+        if name == "plot":
+            p.add_argument("--out", default="curves.png", help="image file (.png, .pdf, .svg)")
+            p.add_argument("--title", help="figure title")
+            p.set_defaults(func=_cmd_plot)
+        else:
+            p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+            p.set_defaults(func=_cmd_summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a GPT with the configured inner/outer optimisers")
     _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        metavar="auto|never|PATH",
+        help="continue from a checkpoint: auto = the newest in run.out_dir (the default when "
+        "there is one), never = start at step 0, or a checkpoint or run directory",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resume although the config differs from the checkpoint's, or start over "
+        "(--resume never) in a run directory that holds checkpoints",
+    )
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("export", help="write θ of a run's newest checkpoint as a GPT state dict")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run.out_dir of a run, or a checkpoint")
+    p.add_argument("--out", required=True, help="output file: .safetensors or .pt")
+    p.set_defaults(func=_cmd_export)
+    _add_report_parsers(sub)
     return parser
 
 
@@ -56,7 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DilocoError as e:
-        print(f"diloco: error: {e}", file=sys.stderr)
+        print(f"diloco: error: {e}", file=sys.stderr, flush=True)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # The other ranks usually hit the same error; give them time to say so before the
+            # launcher (torchrun) stops every rank once the first one exits.
+            time.sleep(_RANK_ERROR_GRACE_S)
         return 2
     except KeyboardInterrupt:
         print("diloco: interrupted", file=sys.stderr)

@@ -50,6 +50,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
+        # load_state_dict replaces the parts' group dicts: re-expose the new ones.
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
 
 
 def _is_matrix_weight(name: str, p: torch.Tensor) -> bool:

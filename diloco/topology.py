@@ -1,23 +1,40 @@
 """Where this process sits: rank, worker group, shard, device, and the collectives between them.
 
 A run has G worker groups of S shard ranks each (world = G·S). With one process and no process
-group the run is SNOO on a single device; the distributed layout is set up from the standard
-``torchrun`` variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+group the run is SNOO on a single device. Otherwise the layout comes from the standard
+``torchrun`` variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so any launcher
+that sets them works, and is one 2-D ``DeviceMesh`` of shape (G, S) with dims
+``("group", "shard")``. Groups are contiguous blocks of S ranks (rank = g·S + s), so a group can
+sit on one node:
+
+    world ranks   0 .. S-1  |  S .. 2S-1  | ... |  (G-1)·S .. G·S-1
+    group              0    |      1      | ... |       G-1
+
+Inside a group the fast weights are FSDP2-sharded over the ``"shard"`` sub-mesh and the group
+batch is split across its S ranks; the pseudo-gradient is averaged over the ``"group"`` sub-mesh
+(:class:`diloco.reduce.MeshReducer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from diloco.config import TopologyConfig
 from diloco.errors import TopologyError
-from diloco.reduce import PseudoGradientReducer, SingleGroup
+from diloco.reduce import MeshReducer, PseudoGradientReducer, SingleGroup
 
-__all__ = ["Runtime", "init_runtime", "resolve_device"]
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["Runtime", "init_runtime", "resolve_device", "resolve_mixed_precision"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -29,9 +46,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 compute on CUDA, fp32 on CPU; ``fp32`` and ``bf16`` are kept."""
+    if mixed_precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return mixed_precision
+
+
 @dataclass
 class Runtime:
-    """This process's place in the (groups × shards) layout."""
+    """This process's place in the (groups × shards) layout.
+
+    ``mesh`` is the (G, S) ``DeviceMesh`` with dims ``("group", "shard")``, or None for a single
+    process without a process group.
+    """
 
     device: torch.device
     rank: int = 0
@@ -41,30 +69,167 @@ class Runtime:
     shard: int = 0
     shards: int = 1
     reducer: PseudoGradientReducer = field(default_factory=SingleGroup)
+    mesh: DeviceMesh | None = None
+    precision: str = "fp32"  # resolved compute precision: fp32 or bf16
+    _sharded: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def parallelize(self, model: nn.Module, mixed_precision: str = "auto") -> nn.Module:
-        """Place the model on this rank's device (one rank per group: nothing to shard)."""
-        return model.to(self.device)
+    def parallelize(self, model: nn.Module, mixed_precision: str | None = None) -> nn.Module:
+        """Place the model on this rank's device; with S > 1 shard it with FSDP2.
+
+        Each transformer block (``model.blocks[i]``) is ``fully_shard``-ed over the ``"shard"``
+        sub-mesh, then the root (embeddings, final norm, tied head). Every rank must hold the
+        same full initial weights (``build_model`` seeds before construction): the shards are
+        cut from them. With bf16 the policy computes in bf16 and reduces gradients in fp32; the
+        sharded parameters (the fast weights φ) stay fp32. With S = 1 the model stays a plain
+        module and bf16 compute comes from :meth:`autocast`.
+        """
+        if mixed_precision is not None:
+            self.precision = resolve_mixed_precision(mixed_precision, self.device)
+        model = model.to(self.device)
+        if self.mesh is None or self.shards == 1:
+            return model
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.precision == "bf16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            policy = MixedPrecisionPolicy()
+        shard_mesh = self.mesh["shard"]
+        for block in getattr(model, "blocks", []):
+            fully_shard(block, mesh=shard_mesh, mp_policy=policy)
+        fully_shard(model, mesh=shard_mesh, mp_policy=policy)
+        self._sharded = True
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for an unsharded model with bf16 precision; otherwise a no-op.
+
+        (A sharded model computes in bf16 through its FSDP2 mixed-precision policy.)
+        """
+        if self.precision == "bf16" and not self._sharded:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def mean(self, value: float) -> float:
-        """Mean of a scalar over all ranks."""
-        return value
+        """Mean of a scalar over all ranks (every rank must call it)."""
+        if self.mesh is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def check_groups_agree(self, tensors: list[Tensor]) -> list[tuple[float, float]]:
+        """Checksums of this rank's shards of ``tensors`` in every group; raise if they differ.
+
+        Per rank: (Σx, Σx²) in float64 over its local tensors, placed in slot (g, s) of a
+        [G, S, 2] table that one all-reduce over the world fills in, so every rank sees every
+        checksum and all take the same decision. Groups must agree shard by shard (relative
+        tolerance 1e-6, for reductions that are not bitwise identical). Returns the per-group
+        totals [(Σx, Σx²) summed over shards] (group 0 first). With G = 1 nothing is sent and
+        the list holds this group's local values.
+
+        Raises:
+            TopologyError: a group's checksum differs from group 0's.
+        """
+        dev = self._comm_device()
+        local = torch.zeros(2, dtype=torch.float64, device=dev)
+        for t in tensors:
+            x = t.detach().to(dev, torch.float64)
+            local[0] += x.sum()
+            local[1] += x.square().sum()
+        if self.mesh is None or self.groups == 1:
+            totals = self._sum_shards(local)
+            return [(float(totals[0]), float(totals[1]))]
+        table = torch.zeros(self.groups, self.shards, 2, dtype=torch.float64, device=dev)
+        table[self.group, self.shard] = local
+        dist.all_reduce(table)
+        table = table.cpu()
+        ref = table[0]
+        for g in range(1, self.groups):
+            if not torch.allclose(table[g], ref, rtol=1e-6, atol=1e-12):
+                s = int((table[g] - ref).abs().sum(dim=1).argmax())
+                raise TopologyError(
+                    f"group {g} weights differ from group 0's (shard {s}: sum/sumsq "
+                    f"{table[g, s, 0].item():.9g}/{table[g, s, 1].item():.9g} vs "
+                    f"{ref[s, 0].item():.9g}/{ref[s, 1].item():.9g})"
+                )
+        totals = table.sum(dim=1)
+        return [(float(a), float(b)) for a, b in totals]
+
+    def _sum_shards(self, value: Tensor) -> Tensor:
+        return self.reducer.sum_over_shards(value)
+
+    def _comm_device(self) -> torch.device:
+        """Where collective inputs live: the CUDA device with NCCL, else the CPU."""
+        if self.mesh is not None and self.mesh.device_type == "cuda":
+            return self.device
+        return torch.device("cpu")
 
     def close(self) -> None:
         """Tear down the process group, if any."""
+        if self.mesh is not None and dist.is_initialized():
+            dist.destroy_process_group()
+            self.mesh = None
+
+
+def _set_threads(world_on_node: int) -> None:
+    """Without OMP_NUM_THREADS, give each local process an equal share of the cores."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_on_node)))
 
 
 def init_runtime(topology: TopologyConfig, device: str = "auto") -> Runtime:
-    """The runtime of this process for ``topology`` (single process: G = S = 1)."""
+    """The runtime of this process for ``topology``.
+
+    One process (no WORLD_SIZE, or WORLD_SIZE = 1) with G·S = 1: no process group. Otherwise
+    WORLD_SIZE must equal G·S (checked on every rank before any connection is made, so a wrong
+    launch fails at once everywhere), then ``init_process_group`` with ``topology.backend``
+    (``auto``: NCCL with CUDA, else gloo) and ``topology.timeout_s``, and the (G, S) mesh.
+
+    Raises:
+        TopologyError: the world size does not match the topology, or NCCL without CUDA.
+    """
+    G, S = topology.groups, topology.shards
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != topology.groups * topology.shards:
+    _set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if world != G * S:
         raise TopologyError(
-            f"world size {world} != topology.groups × topology.shards = "
-            f"{topology.groups} × {topology.shards}; launch {topology.groups * topology.shards} "
-            "processes or change the topology"
+            f"world size {world} != topology.groups × topology.shards = {G} × {S}; "
+            f"launch {G * S} processes or change the topology"
         )
-    return Runtime(device=resolve_device(device))
+    dev = resolve_device(device)
+    precision = resolve_mixed_precision(topology.mixed_precision, dev)
+    if world == 1:
+        return Runtime(device=dev, precision=precision)
+    backend = topology.backend
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise TopologyError(
+            f"topology.backend=nccl needs CUDA but run.device is {dev.type}; "
+            "use topology.backend=gloo or run on GPUs"
+        )
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    rank = int(os.environ["RANK"])
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=topology.timeout_s))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(dev.type, (G, S), mesh_dim_names=("group", "shard"))
+    return Runtime(
+        device=dev,
+        rank=rank,
+        world=world,
+        group=rank // S,
+        groups=G,
+        shard=rank % S,
+        shards=S,
+        reducer=MeshReducer(mesh),
+        mesh=mesh,
+        precision=precision,
+    )

@@ -9,14 +9,18 @@ The loop, one inner step at a time (every rank of every group runs the same code
    loss of the slow weights θ.
 
 Training always ends with a sync, so the final θ contains every inner step; the final val loss
-is measured on that θ.
+is measured on that θ, and rank 0 writes it to ``final_model.pt`` (the full, unsharded
+``model.state_dict()`` of θ, fp32 on the CPU; ``torch.load`` it into a ``GPT``).
+
+With G > 1 groups every rank checks that θ is the same in all groups (a float64 checksum of the
+local slow shards, one small all-reduce) before the first step, every ``train.check_every``
+rounds and after the last round; a mismatch stops the job with a ``TopologyError``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from diloco import faults
+from diloco.checkpoint import Checkpointer, plan_resume, warn
 from diloco.config import Config, dump_config
 from diloco.data import BatchStream, eval_batches, load_corpus, shard_batch
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, TopologyError
 from diloco.inner import build_inner_optimizer, build_scheduler
 from diloco.metrics import MetricsLogger, peak_rss_mb
 from diloco.models import GPT, GPTConfig
@@ -110,7 +116,8 @@ def evaluate(model: nn.Module, batches: list, runtime: Runtime) -> float:
     total = 0.0
     for x, y in batches:
         x, y = shard_batch(x, y, runtime.shard, runtime.shards)
-        _, loss = model(x.to(runtime.device), y.to(runtime.device))
+        with runtime.autocast():
+            _, loss = model(x.to(runtime.device), y.to(runtime.device))
         total += float(loss)
     model.train(was_training)
     return runtime.mean(total / len(batches))
@@ -148,6 +155,41 @@ def _round_fields(report: SyncReport) -> dict[str, float]:
     return fields
 
 
+def _check_groups_agree(dl: DiLoCo, runtime: Runtime, last_ok: int) -> dict[str, float]:
+    """Stop the job if θ differs between groups; returns ``theta_sumsq`` (Σθ², for the log).
+
+    ``last_ok`` is the round of the previous passing check (0: the start).
+    """
+    try:
+        sums = runtime.check_groups_agree(dl.slow_tensors() or dl.fast_tensors())
+    except TopologyError as e:
+        raise TopologyError(
+            f"slow weights diverged between groups after round {dl.outer_steps} "
+            f"(last agreed at round {last_ok}): {e}"
+        ) from None
+    return {"theta_sumsq": sums[0][1]}
+
+
+def _save_final_model(model: nn.Module, dl: DiLoCo, runtime: Runtime, path: Path) -> None:
+    """Rank 0 writes θ as a full state dict (a collective: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    with dl.slow_weights():
+        state = get_model_state_dict(model, options=options)
+    if runtime.is_main:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+
+def _maybe_checkpoint(ckpt: Checkpointer, step: int, val_loss: float, pending: dict) -> None:
+    """At a checkpoint step (after its log line), save; the next record gets ``checkpoint_s``."""
+    if ckpt.due(step):
+        loop = {"val_loss": val_loss, "round_fields": dict(pending)}
+        pending["checkpoint_s"] = ckpt.save(step, loop)
+
+
 def _prepare_out_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,19 +202,22 @@ def _prepare_out_dir(out_dir: Path) -> None:
         ) from None
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run the job described by ``cfg``; returns the summary (also written to summary.json)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the job described by ``cfg``; returns the summary (also written to summary.json).
+
+    ``resume``/``force``: see :func:`diloco.checkpoint.plan_resume` (None: continue from the
+    newest checkpoint in ``run.out_dir`` if there is one, as a restarted torchrun job must).
+    """
     runtime = init_runtime(cfg.topology, cfg.run.device)
     try:
-        return _train(cfg, runtime)
+        return _train(cfg, runtime, resume, force)
     finally:
         runtime.close()
 
 
-def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+def _train(cfg: Config, runtime: Runtime, resume: str | None, force: bool) -> dict[str, Any]:
     out_dir = Path(cfg.run.out_dir)
+    resume_from = plan_resume(cfg, resume, force, runtime.is_main)  # read-only checks first
     if runtime.is_main:
         _prepare_out_dir(out_dir)
         dump_config(cfg, out_dir / "config.yaml")
@@ -183,24 +228,37 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     stream = BatchStream(corpus.train, cfg.data.batch_size, seq_len, cfg.run.seed, stream=runtime.group)
     val = eval_batches(corpus.val, cfg.data.batch_size, seq_len, cfg.train.eval_batches)
     torch.manual_seed(cfg.run.seed + 1000 * runtime.group + runtime.shard)  # dropout streams
+    ckpt = Checkpointer(cfg, runtime, model, dl, scheduler, stream)
+    resumed = ckpt.load(resume_from) if resume_from is not None else None
+    first_step = resumed["step"] + 1 if resumed else 1
+    check = runtime.groups > 1
+    checked_round = 0
+    start_check = _check_groups_agree(dl, runtime, 0) if check else {}
 
     steps, tc = cfg.train.steps, cfg.train
     tokens_per_step = cfg.data.batch_size * seq_len * runtime.groups
     logger = MetricsLogger(out_dir, runtime.is_main, cfg.run.tensorboard)
-    bar = ProgressBar(steps, enabled=runtime.is_main and cfg.run.progress)
+    logger.truncate_after(first_step - 1 if resumed else -1)  # drop what a crashed run logged
+    bar = ProgressBar(steps, enabled=runtime.is_main and cfg.run.progress, start=first_step - 1)
     timers = _Timers()
     start = time.perf_counter()
     window_start, window_tokens = start, 0
-    val_loss = evaluate(model, val, runtime)
-    logger.log({"step": 0, "outer_step": 0, "tokens": 0, "val_loss": val_loss})
     round_fields: dict[str, float] = {}
+    if resumed is None:
+        val_loss = evaluate(model, val, runtime)
+        logger.log({"step": 0, "outer_step": 0, "tokens": 0, "val_loss": val_loss, **start_check})
+    else:  # the checkpointed run logged every step up to the checkpoint
+        val_loss = resumed["loop"]["val_loss"]
+        round_fields = resumed["loop"]["round_fields"]
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(first_step, steps + 1):
         t0 = time.perf_counter()
         x, y = stream.next()
         x, y = shard_batch(x, y, runtime.shard, runtime.shards)
-        _, loss = model(x.to(runtime.device), y.to(runtime.device))
+        with runtime.autocast():
+            _, loss = model(x.to(runtime.device), y.to(runtime.device))
         loss.backward()
+        faults.after_backward(step, dl, runtime.rank, runtime.world)  # test-only, env-driven
         if cfg.inner.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.inner.grad_clip)
         lr = dl.inner.param_groups[-1]["lr"]
@@ -216,12 +274,23 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             timers.outer_s += outer_s
             timers.outer_n += 1
             round_fields = _round_fields(report)
+            if report.skipped:
+                warn(
+                    f"round {report.round} (step {step}): non-finite pseudo-gradient; outer step "
+                    f"skipped, fast weights reset to the round's start ({dl.bad_rounds} of "
+                    f"train.max_bad_rounds={tc.max_bad_rounds} in a row)",
+                    runtime.is_main,
+                )
+            if check and (dl.outer_steps % tc.check_every == 0 or step == steps):
+                round_fields.update(_check_groups_agree(dl, runtime, checked_round))
+                checked_round = dl.outer_steps
         timers.inner_s += t2 - t0 - outer_s
         timers.inner_n += 1
         window_tokens += tokens_per_step
 
         eval_now = step == steps or (tc.eval_every and step % tc.eval_every == 0)
         if not (eval_now or step % tc.log_every == 0):
+            _maybe_checkpoint(ckpt, step, val_loss, round_fields)
             continue
         now = time.perf_counter()
         record: dict[str, Any] = {
@@ -243,8 +312,10 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         logger.log(record)
         bar.update(step, loss=record["loss"], val=val_loss, tok_s=f"{record['tokens_per_s']:.0f}")
         window_start, window_tokens = time.perf_counter(), 0
+        _maybe_checkpoint(ckpt, step, val_loss, round_fields)
     bar.close()
     logger.close()
+    _save_final_model(model, dl, runtime, out_dir / "final_model.pt")
     wall = time.perf_counter() - start
     summary = {
         "final_val_loss": val_loss,
@@ -257,6 +328,7 @@ def _train(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         "groups": runtime.groups,
         "shards": runtime.shards,
         **timers.summary(),
+        **ckpt.summary(),
     }
     if runtime.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

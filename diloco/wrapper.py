@@ -329,6 +329,10 @@ class DiLoCo:
             raise CheckpointError(
                 f"state is for outer method {sd.get('method')!r}, this run uses {self.method!r}"
             )
+        if self.outer is not None:  # check everything before changing anything
+            _check_shapes("slow weights", sd["slow"], self.slow_tensors())
+            if sd["steps_in_round"]:
+                _check_shapes("fast weights", sd["fast"], self.fast_tensors())
         self.inner.load_state_dict(sd["inner"])
         self.inner_steps = sd["inner_steps"]
         self.steps_in_round = sd["steps_in_round"]
@@ -336,13 +340,10 @@ class DiLoCo:
         self.bad_rounds = sd["bad_rounds"]
         if self.outer is None:
             return
-        slow = self.slow_tensors()
-        _check_shapes("slow weights", sd["slow"], slow)
-        torch._foreach_copy_(slow, sd["slow"])
+        torch._foreach_copy_(self.slow_tensors(), sd["slow"])
         self.outer.load_state_dict(sd["outer"])
         fast = self.fast_tensors()
         if self.steps_in_round:
-            _check_shapes("fast weights", sd["fast"], fast)
             torch._foreach_copy_(fast, sd["fast"])
         elif self._staging is None:
             self.outer.write_start(fast)

@@ -1,5 +1,8 @@
 """Specification of the outer optimisers (DESIGN.md §1, step 4) on random pseudo-gradients.
 
+Tensors are float64 so that the comparisons test the maths, not float32 rounding (m is an EMA
+of differences θ_{t+1} − θ_t and loses relative precision in float32).
+
 The reference maths is written here per tensor in plain Python, independently of
 ``diloco.outer``; only ``torch.optim.SGD`` is used as an outside oracle for Nesterov.
 """
@@ -14,7 +17,7 @@ ROUNDS = 60
 
 
 def random_tensors(gen: torch.Generator, scale: float = 1.0) -> list[torch.Tensor]:
-    return [scale * torch.randn(shape, generator=gen) for shape in SHAPES]
+    return [scale * torch.randn(shape, generator=gen, dtype=torch.float64) for shape in SHAPES]
 
 
 def feed(params: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
@@ -89,7 +92,7 @@ def test_lookahead_with_unit_lr_lands_exactly_on_the_fast_weights():
     slow = random_tensors(gen)
     outer = Nesterov(slow, lr=1.0, momentum=0.0)
     for _ in range(ROUNDS):
-        fast = [t + 0.1 * torch.randn(t.shape, generator=gen) for t in slow]
+        fast = [t + 0.1 * torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in slow]
         feed(slow, [s - f for s, f in zip(slow, fast, strict=True)])
         outer.step()
         assert_close(slow, fast)
@@ -186,9 +189,9 @@ def test_ema_nesterov_matches_the_design_formula_with_a_changing_beta(ema_init, 
         outer.set_beta(next_beta)
         fast = [torch.full_like(t, float("nan")) for t in slow]
         outer.write_start(fast)
-        assert_close(slow, theta, atol=1e-5)
-        assert_close([outer.state[p]["ema"] for p in slow], m, atol=1e-5)
-        assert_close(fast, start, atol=1e-5)
+        assert_close(slow, theta, atol=1e-9)
+        assert_close([outer.state[p]["ema"] for p in slow], m, atol=1e-9)
+        assert_close(fast, start, atol=1e-9)
     assert max(betas) > 0.3
 
 

@@ -1,0 +1,700 @@
+"""Checkpoints at round boundaries: sharded (DCP), atomic, resumable at another (G, S).
+
+Layout of ``RUN_DIR/checkpoints/step_<N>/`` (N = inner steps done)::
+
+    meta.json          format version, step, round, G, S, the resolved config and its fingerprint,
+                       model shapes, LR-schedule and loop state, a manifest of every file with its
+                       size, and "complete": true. Written last, into step_<N>.tmp/, which is then
+                       renamed to step_<N>/: a step_<N>/ directory is always whole.
+    outer/             DCP: θ ("slow.<fqn>") and the outer state ("outer.<fqn>.<buffer>": b for
+                       nesterov, m for ema_nesterov), saved once, by group 0's shard ranks, as
+                       full-shape tensors (DTensors when FSDP2-sharded), so any S can load them.
+    group<g>/          DCP: group g's inner optimiser state ("optim.…"; plus "model.…" for
+                       outer.method=none), saved by group g's S shard ranks. Groups' inner states
+                       differ; one global save would mix them (NOTES.md), hence one per group.
+    extra/group<g>.pt  group g's data-stream position (``BatchStream.state_dict``).
+    extra/rank<r>.pt   rank r's RNG states.
+
+The fast weights are not saved: at a round boundary they equal the start point s, which
+``DiLoCo.load_state_dict`` rebuilds from θ and the outer state (s = θ, or θ + β·m).
+
+Resuming (:func:`plan_resume`, then :meth:`Checkpointer.load`): ``auto`` takes the newest
+checkpoint whose meta.json is complete and whose files match its manifest, skipping broken ones
+with a warning; an explicit path must be loadable. The model shapes must match; the config must
+match too (:data:`RESUME_IGNORE` aside: run length, logging, checkpoint cadence, G, S, device),
+unless ``force``. A different S is resharded by DCP. A different G is allowed: group g resumes
+group (g mod G_saved)'s inner optimiser state; groups beyond the saved ones start fresh data
+streams, and RNG streams are re-seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diloco import faults
+from diloco.config import (
+    FINGERPRINT_IGNORE,
+    Config,
+    config_fingerprint,
+    config_from_dict,
+    config_to_dict,
+)
+from diloco.errors import CheckpointError, DilocoError
+from diloco.outer import EMANesterov, Nesterov, OuterOptimizer
+
+__all__ = [
+    "CHECKPOINTS",
+    "FORMAT_VERSION",
+    "RESUME_IGNORE",
+    "Checkpointer",
+    "list_checkpoints",
+    "newest_checkpoint",
+    "plan_resume",
+    "read_meta",
+    "warn",
+]
+
+CHECKPOINTS = "checkpoints"
+FORMAT_VERSION = 1
+#: Settings that may change between save and resume without ``--force``.
+RESUME_IGNORE: tuple[str, ...] = FINGERPRINT_IGNORE + (
+    "run.device",
+    "topology.groups",
+    "topology.shards",
+    "topology.backend",
+)
+_STEP_DIR = re.compile(r"step_(\d+)")
+_OUTER_SCALARS = ("beta", "rounds")  # outer param-group entries that are state, not settings
+
+
+def warn(message: str, enabled: bool = True) -> None:
+    """One ``diloco: warning: …`` line on stderr (pass ``enabled=runtime.is_main``)."""
+    if enabled:
+        print(f"diloco: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _note(message: str, enabled: bool) -> None:
+    if enabled:
+        print(f"diloco: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# finding and validating checkpoints
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """``RUN_DIR/checkpoints/step_<N>`` directories, newest (largest N) first; ``.tmp`` excluded."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def read_meta(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """The meta.json of checkpoint directory ``ckpt`` after checking the checkpoint is whole.
+
+    Raises:
+        CheckpointError: missing or unreadable meta.json, not marked complete, another format
+            version, or a file missing or of the wrong size (truncated) per the manifest.
+    """
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist or is not a directory")
+    path = ckpt / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no meta.json; it was not completely written"
+        ) from None
+    except (OSError, UnicodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"checkpoint {ckpt}: meta.json is unreadable ({_one_line(e)})"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("complete") is not True:
+        raise CheckpointError(f"checkpoint {ckpt} is not marked complete in meta.json")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {ckpt} has format version {meta.get('format_version')!r}; "
+            f"this diloco reads version {FORMAT_VERSION}"
+        )
+    for rel, size in meta.get("files", {}).items():
+        f = ckpt / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is missing {rel}; it is incomplete")
+        actual = f.stat().st_size
+        if actual != size:
+            raise CheckpointError(
+                f"checkpoint {ckpt}: {rel} is {actual} bytes, expected {size}; "
+                "the file is truncated or corrupt"
+            )
+    return meta
+
+
+def newest_checkpoint(
+    run_dir: str | os.PathLike, announce: bool = False
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable checkpoint of ``run_dir`` and its meta, or None if there is none.
+
+    Broken checkpoints are skipped with a warning (if ``announce``). Raises CheckpointError
+    when checkpoints exist but none is loadable.
+    """
+    problems = []
+    for ckpt in list_checkpoints(run_dir):
+        try:
+            meta = read_meta(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+            warn(f"{e}; skipping it and trying the previous checkpoint", announce)
+            continue
+        return ckpt, meta
+    if problems:
+        raise CheckpointError(
+            f"no loadable checkpoint in {Path(run_dir) / CHECKPOINTS} ({problems[0]}); "
+            "remove the broken checkpoints or start over with --resume never --force"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# deciding how to start
+
+
+def plan_resume(
+    cfg: Config, resume: str | None = None, force: bool = False, is_main: bool = True
+) -> Path | None:
+    """Which checkpoint this run continues from (None: start at step 0); reads, never writes.
+
+    ``resume``: None (auto if the run directory holds a checkpoint, else a fresh start),
+    ``"auto"``, ``"never"``, or the path of a checkpoint (``…/step_<N>``) or of a run directory.
+    Every rank calls this and takes the same decision from the same files.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, broken, or from another model shape; the
+            config differs (unless ``force``); ``never`` into a directory with checkpoints
+            (unless ``force``: the old ``checkpoints/`` is then set aside by rank 0).
+    """
+    run_dir = Path(cfg.run.out_dir)
+    if resume == "never":
+        if force:
+            if is_main and (run_dir / CHECKPOINTS).is_dir():
+                aside = run_dir / f"{CHECKPOINTS}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                (run_dir / CHECKPOINTS).rename(aside)
+                warn(f"--resume never --force: moved the old checkpoints to {aside}")
+            return None
+        existing = list_checkpoints(run_dir)
+        if existing:
+            raise CheckpointError(
+                f"run directory {run_dir} already holds checkpoints (newest {existing[0].name}); "
+                "resume with --resume auto, choose another run.out_dir, or add --force to "
+                "start over"
+            )
+        return None
+    if resume in (None, "auto"):
+        found = newest_checkpoint(run_dir, announce=is_main)
+        if found is None:
+            if resume == "auto":
+                _note(f"no checkpoint in {run_dir / CHECKPOINTS}; starting at step 0", is_main)
+            return None
+        ckpt, meta = found
+    else:
+        ckpt, meta = _explicit_checkpoint(Path(resume))
+    check_compatible(cfg, ckpt, meta, force, is_main)
+    _note(f"resuming from {ckpt} (step {meta['step']}, round {meta['round']})", is_main)
+    return ckpt
+
+
+def _explicit_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    if (path / "meta.json").exists() or _STEP_DIR.fullmatch(path.name):
+        return path, read_meta(path)
+    if (path / CHECKPOINTS).is_dir():
+        found = newest_checkpoint(path)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"--resume {path}: no checkpoint there; give a checkpoint directory "
+        f"(…/{CHECKPOINTS}/step_<N>) or a run directory that holds {CHECKPOINTS}/"
+    )
+
+
+def check_compatible(
+    cfg: Config, ckpt: Path, meta: dict[str, Any], force: bool, is_main: bool = True
+) -> None:
+    """Refuse a checkpoint of another model shape, or (unless ``force``) another config."""
+    shapes = model_shapes(cfg)
+    saved = meta.get("model_shapes", {})
+    if saved != shapes:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is from a different model shape ({_shape_diff(saved, shapes)}); "
+            "resume with its model.* settings or start a new run"
+        )
+    if meta.get("config_fingerprint") != config_fingerprint(cfg, RESUME_IGNORE):
+        changes = _config_diff(meta.get("config", {}), config_to_dict(cfg))
+        if not force:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was written with a different config ({changes}); resume "
+                "with the same settings, add --force to resume anyway, or choose a new "
+                "run.out_dir"
+            )
+        warn(f"--force: resuming {ckpt} with a changed config ({changes})", is_main)
+    saved_g, saved_s = meta["groups"], meta["shards"]
+    G, S = cfg.topology.groups, cfg.topology.shards
+    if G != saved_g:
+        if G > saved_g:
+            how = (
+                f"new groups {saved_g}..{G - 1} start from a copy of group (g mod {saved_g})'s "
+                "inner optimiser state and fresh data streams"
+            )
+        else:
+            how = f"the inner states and data positions of groups {G}..{saved_g - 1} are dropped"
+        warn(
+            f"checkpoint {ckpt} has {saved_g} groups, this run has {G}: {how}; "
+            "RNG streams are re-seeded",
+            is_main,
+        )
+    elif S != saved_s:
+        _note(f"resharding checkpoint {ckpt} from {saved_s} to {S} shards per group", is_main)
+
+
+def model_shapes(cfg: Config) -> dict[str, list[int]]:
+    """``{fqn: shape}`` of the trainable parameters of ``cfg.model``'s GPT (built on meta)."""
+    from diloco.models import GPT, GPTConfig
+
+    m = cfg.model
+    with torch.device("meta"):
+        model = GPT(
+            GPTConfig(
+                vocab_size=m.vocab_size,
+                block_size=m.block_size,
+                n_layer=m.n_layer,
+                n_head=m.n_head,
+                n_embd=m.n_embd,
+                dropout=m.dropout,
+                bias=m.bias,
+            )
+        )
+    return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _shape_diff(saved: dict[str, list[int]], current: dict[str, list[int]]) -> str:
+    for name, shape in current.items():
+        if name not in saved:
+            return f"{name} is not in the checkpoint"
+        if saved[name] != shape:
+            return f"{name} is {saved[name]} there, {shape} here"
+    extra = sorted(set(saved) - set(current))
+    return f"{extra[0]} is only in the checkpoint" if extra else "parameters differ"
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        f"{section}.{key}": value
+        for section, values in config.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+
+
+def _config_diff(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """``key saved -> current`` for every setting that matters on resume, comma-separated."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = [
+        f"{key} {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+        for key in sorted(set(old) | set(new))
+        if key not in RESUME_IGNORE and old.get(key) != new.get(key)
+    ]
+    return ", ".join(changed) or "fingerprint differs"
+
+
+# ---------------------------------------------------------------------------------------------
+# saving and loading
+
+
+class Checkpointer:
+    """Saves and restores one run's training state; every rank must call :meth:`save`/:meth:`load`.
+
+    Args:
+        cfg: the resolved config (stored in meta.json).
+        runtime: this process's place in the (G, S) layout (``mesh`` None for one process).
+        model: the (possibly FSDP2-sharded) model holding the fast weights.
+        dl: the DiLoCo wrapper (θ, outer state, inner optimiser, counters).
+        scheduler: the inner LR schedule.
+        stream: this group's BatchStream.
+    """
+
+    def __init__(self, cfg: Config, runtime: Any, model: nn.Module, dl: Any, scheduler, stream):
+        self.cfg, self.runtime, self.model, self.dl = cfg, runtime, model, dl
+        self.scheduler, self.stream = scheduler, stream
+        self.root = Path(cfg.run.out_dir) / CHECKPOINTS
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.times: list[float] = []
+
+    # ------------------------------------------------------------------ when
+    def due(self, step: int) -> bool:
+        """A checkpoint after inner ``step``: every ``train.checkpoint_every`` rounds (at the
+        round's end) and after the last step (checkpoints on)."""
+        every = self.cfg.train.checkpoint_every
+        if not every:
+            return False
+        if step == self.cfg.train.steps:
+            return True
+        if self.dl.outer is None:  # no rounds: count K steps as one
+            return step % (every * self.cfg.outer.sync_every) == 0
+        return self.dl.steps_in_round == 0 and self.dl.outer_steps % every == 0
+
+    def summary(self) -> dict[str, float]:
+        """``checkpoints`` written and their mean wall time ``checkpoint_s``."""
+        if not self.times:
+            return {}
+        return {"checkpoints": len(self.times), "checkpoint_s": sum(self.times) / len(self.times)}
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, loop: dict[str, Any]) -> float:
+        """Write ``step_<step>/`` atomically and prune to ``train.keep_last``; returns seconds.
+
+        ``loop`` is the training loop's own state (JSON: last val loss, pending log fields).
+        """
+        t0 = time.perf_counter()
+        rt = self.runtime
+        tmp = self.root / f"step_{step}.tmp"
+        if rt.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a crash
+                shutil.rmtree(tmp)
+            (tmp / "extra").mkdir(parents=True)
+        self._barrier()
+        pg = self._shard_group()
+        if self.dl.outer is not None and rt.group == 0:
+            _dcp_save(self._outer_state()[0], tmp / "outer", pg)
+        _dcp_save(self._group_state(), tmp / f"group{rt.group}", pg)
+        if rt.shard == 0:
+            _save_synced(self.stream.state_dict(), tmp / "extra" / f"group{rt.group}.pt")
+        _save_synced(_rng_state(), tmp / "extra" / f"rank{rt.rank}.pt")
+        self._barrier()
+        if rt.is_main:
+            meta = self._meta(step, loop, tmp)
+            _write_synced(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
+            _fsync_dir(tmp)
+            faults.before_rename(step)
+            final = self.root / f"step_{step}"
+            old = self.root / f"step_{step}.old"
+            if final.exists():  # a checkpoint of the same step from an abandoned branch
+                final.rename(old)
+            tmp.rename(final)
+            _fsync_dir(self.root)
+            shutil.rmtree(old, ignore_errors=True)
+            self._prune()
+        self._barrier()
+        seconds = time.perf_counter() - t0
+        self.times.append(seconds)
+        return seconds
+
+    def _meta(self, step: int, loop: dict[str, Any], tmp: Path) -> dict[str, Any]:
+        dl, rt = self.dl, self.runtime
+        outer_scalars = {}
+        if dl.outer is not None:
+            group = dl.outer.param_groups[0]
+            outer_scalars = {k: group[k] for k in _OUTER_SCALARS if k in group}
+        files = {
+            p.relative_to(tmp).as_posix(): p.stat().st_size
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.name != "meta.json"
+        }
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "round": dl.outer_steps,
+            "groups": rt.groups,
+            "shards": rt.shards,
+            "method": dl.method,
+            "config_fingerprint": config_fingerprint(self.cfg, RESUME_IGNORE),
+            "config": config_to_dict(self.cfg),
+            "model_shapes": {n: list(p.shape) for n, p in self._named_params()},
+            "counters": {
+                "inner_steps": dl.inner_steps,
+                "rounds": dl.outer_steps,
+                "bad_rounds": dl.bad_rounds,
+            },
+            "outer_scalars": outer_scalars,
+            "scheduler": self.scheduler.state_dict(),
+            "loop": loop,
+            "files": files,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "complete": True,
+        }
+
+    def _prune(self) -> None:
+        """Keep the newest ``train.keep_last`` checkpoints; drop stale ``.tmp`` directories."""
+        for old in list_checkpoints(self.root.parent)[self.cfg.train.keep_last :]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(self, ckpt: str | os.PathLike) -> dict[str, Any]:
+        """Restore everything from checkpoint ``ckpt``; returns ``meta`` (``meta["loop"]``, …).
+
+        Raises:
+            CheckpointError: a file cannot be read or does not fit this model (on every rank).
+        """
+        ckpt = Path(ckpt)
+        meta = read_meta(ckpt)
+        rt, dl = self.runtime, self.dl
+        saved_groups = meta["groups"]
+        pg = self._shard_group()
+        error = ""
+        group_state: dict[str, Any] = {}
+        try:
+            if dl.outer is not None:
+                outer_state, staged = self._outer_state()
+                _dcp_load(outer_state, ckpt / "outer", pg)
+                for local, staging in staged:
+                    local.copy_(_local(staging))
+            group_state = self._group_state()
+            _dcp_load(group_state, ckpt / f"group{rt.group % saved_groups}", pg)
+        except CheckpointError as e:
+            error = str(e)
+        if rt.mean(1.0 if error else 0.0) > 0:  # every rank takes the same decision
+            raise CheckpointError(
+                error or f"checkpoint {ckpt} could not be loaded on another rank (see its error)"
+            )
+        self._set_group_state(group_state)
+        counters = meta["counters"]
+        sd: dict[str, Any] = {
+            "method": dl.method,
+            "inner": dl.inner.state_dict(),
+            "inner_steps": counters["inner_steps"],
+            "steps_in_round": 0,
+            "rounds": counters["rounds"],
+            "bad_rounds": counters["bad_rounds"],
+        }
+        if dl.outer is not None:
+            outer_sd = dl.outer.state_dict()
+            for group in outer_sd["param_groups"]:
+                group.update(meta["outer_scalars"])
+            sd["slow"] = dl.slow_tensors()
+            sd["outer"] = outer_sd
+        dl.load_state_dict(sd)  # also rebuilds the fast weights as the start point s
+        self._load_schedule(meta["scheduler"])
+        if rt.group < saved_groups:
+            self.stream.load_state_dict(_torch_load(ckpt / "extra" / f"group{rt.group}.pt"))
+        if (saved_groups, meta["shards"]) == (rt.groups, rt.shards):
+            _set_rng_state(_torch_load(ckpt / "extra" / f"rank{rt.rank}.pt"))
+        return meta
+
+    def _load_schedule(self, state: dict[str, Any]) -> None:
+        """Restore the LR schedule's position and set every group's LR from *this* schedule
+        (so a run extended with more ``train.steps`` follows its new schedule at once)."""
+        sch = self.scheduler
+        sch.load_state_dict(state)
+        inner = self.dl.inner
+        lambdas = getattr(sch, "lr_lambdas", None)
+        if lambdas is not None:
+            for group, lam, base in zip(inner.param_groups, lambdas, sch.base_lrs, strict=True):
+                group["lr"] = base * lam(sch.last_epoch)
+
+    # ------------------------------------------------------------------ state pieces
+    def _named_params(self) -> Iterator[tuple[str, Tensor]]:
+        self.dl.fast_tensors()  # FSDP2: re-shard root parameters left unsharded by an eval
+        return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+
+    def _outer_state(self) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]:
+        """θ and the outer buffers as DCP targets (views of this rank's local tensors).
+
+        Returns the state and the (local, staging) pairs whose staging copy must be copied back
+        after a load (only when θ is offloaded to another device than the parameters).
+        """
+        staged: list[tuple[Tensor, Tensor]] = []
+
+        def view(p: Tensor, local: Tensor) -> Tensor:
+            t, copied = _dcp_view(p, local)
+            if copied:
+                staged.append((local, t))
+            return t
+
+        buffers = _outer_buffers(self.dl.outer)
+        slow, outer = {}, {}
+        params = list(self._named_params())
+        for (name, p), theta, bufs in zip(params, self.dl.slow_tensors(), buffers, strict=True):
+            slow[name] = view(p, theta)
+            if bufs:
+                outer[name] = {k: view(p, b) for k, b in bufs.items()}
+        state: dict[str, Any] = {"slow": slow}
+        if outer:
+            state["outer"] = outer
+        return state, staged
+
+    def _optimizers(self) -> Any:
+        inner = self.dl.inner
+        if hasattr(inner, "muon") and hasattr(inner, "adamw"):  # MuonWithAdamW
+            return [inner.muon, inner.adamw]
+        return inner
+
+    def _group_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        self.dl.fast_tensors()
+        state = {"optim": get_optimizer_state_dict(self.model, self._optimizers())}
+        if self.dl.outer is None:  # no θ: the model's weights are the state
+            state["model"] = get_model_state_dict(self.model)
+        return state
+
+    def _set_group_state(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(self.model, self._optimizers(), state["optim"])
+        if "model" in state:
+            set_model_state_dict(self.model, state["model"])
+
+    def _shard_group(self) -> Any:
+        mesh = getattr(self.runtime, "mesh", None)
+        return None if mesh is None else mesh.get_group("shard")
+
+    def _barrier(self) -> None:
+        if getattr(self.runtime, "mesh", None) is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _outer_buffers(outer: OuterOptimizer | None) -> list[dict[str, Tensor]]:
+    """Per slow tensor, its outer buffers (created as zeros if the first round has not run:
+    exactly what the outer optimiser would create)."""
+    if outer is None:
+        return []
+    if isinstance(outer, EMANesterov):
+        names: tuple[str, ...] = ("ema",)
+    elif isinstance(outer, Nesterov) and outer.param_groups[0]["momentum"] > 0:
+        names = ("momentum_buffer",)
+    else:
+        names = ()
+    out = []
+    for p in outer.slow_tensors():
+        state = outer.state[p]
+        for n in names:
+            if n not in state:
+                state[n] = torch.zeros_like(p)
+        out.append({n: state[n] for n in names})
+    return out
+
+
+def _dcp_view(p: Tensor, local: Tensor) -> tuple[Tensor, bool]:
+    """``local`` (this rank's part of parameter ``p``) as a DCP target with ``p``'s global
+    shape: a DTensor sharing its storage when ``p`` is an FSDP2 DTensor, else ``local`` itself.
+    Returns (target, copied): copied when ``local`` lives on another device than ``p``."""
+    from torch.distributed.tensor import DTensor
+
+    copied = local.device != p.device
+    if copied:
+        local = local.to(p.device)
+    if isinstance(p, DTensor):
+        t = DTensor.from_local(
+            local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
+        return t, copied
+    return local, copied
+
+
+def _local(t: Tensor) -> Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("…" if len(text) > 300 else "")
+
+
+def _dcp_save(state: dict[str, Any], path: Path, pg: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(path), process_group=pg, no_dist=pg is None)
+
+
+def _dcp_load(state: dict[str, Any], path: Path, pg: Any) -> None:
+    """``dcp.load`` in place; a missing, corrupt or mismatching checkpoint → CheckpointError."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint part {path} is missing its .metadata file")
+    try:
+        dcp.load(state, checkpoint_id=str(path), process_group=pg, no_dist=pg is None)
+    except Exception as e:  # DCP wraps every reader failure; report its first cause
+        failures = getattr(e, "failures", None)
+        cause = next(iter(failures.values())) if failures else e
+        cause = getattr(cause, "exc", cause)
+        raise CheckpointError(
+            f"cannot load {path}: {type(cause).__name__}: {_one_line(cause)}"
+        ) from None
+
+
+def _rng_state() -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from None
+
+
+def _save_synced(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def config_of(meta: dict[str, Any]) -> Config:
+    """The run config stored in a checkpoint's meta."""
+    try:
+        return config_from_dict(meta["config"])
+    except (KeyError, DilocoError) as e:
+        raise CheckpointError(f"checkpoint config is unusable: {e}") from None
