@@ -23,7 +23,9 @@ def _duration(seconds: float) -> str:
 class ProgressBar:
     """``update(step, **fields)`` after each logged step; ``close()`` at the end."""
 
-    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None, start: int = 0):
+    def __init__(
+        self, total: int, enabled: bool = True, stream: TextIO | None = None, start: int = 0
+    ):
         self.total = total
         self.enabled = enabled
         self.stream = stream or sys.stderr
@@ -40,7 +42,9 @@ class ProgressBar:
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
-        text = f"{step}/{self.total} " + " ".join(parts) + f" | {_duration(elapsed)}<{_duration(eta)}"
+        text = (
+            f"{step}/{self.total} " + " ".join(parts) + f" | {_duration(elapsed)}<{_duration(eta)}"
+        )
         if self.tty:
             filled = int(self._width * step / max(1, self.total))
             bar = "#" * filled + "." * (self._width - filled)

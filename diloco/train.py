@@ -225,7 +225,9 @@ def _train(cfg: Config, runtime: Runtime, resume: str | None, force: bool) -> di
     corpus = load_corpus(cfg.data.source, seq_len)
     model = runtime.parallelize(build_model(cfg, corpus.vocab_size), cfg.topology.mixed_precision)
     dl, scheduler = build_diloco(cfg, model, runtime)
-    stream = BatchStream(corpus.train, cfg.data.batch_size, seq_len, cfg.run.seed, stream=runtime.group)
+    stream = BatchStream(
+        corpus.train, cfg.data.batch_size, seq_len, cfg.run.seed, stream=runtime.group
+    )
     val = eval_batches(corpus.val, cfg.data.batch_size, seq_len, cfg.train.eval_batches)
     torch.manual_seed(cfg.run.seed + 1000 * runtime.group + runtime.shard)  # dropout streams
     ckpt = Checkpointer(cfg, runtime, model, dl, scheduler, stream)

@@ -148,7 +148,9 @@ class DiLoCo:
         if outer == "ema_nesterov":
             self.outer = EMANesterov(slow, lr=lr, gamma=ema_gamma, ema_init=ema_init)
         else:
-            self.outer = Nesterov(slow, lr=lr, momentum=outer_momentum if outer == "nesterov" else 0.0)
+            self.outer = Nesterov(
+                slow, lr=lr, momentum=outer_momentum if outer == "nesterov" else 0.0
+            )
 
     @staticmethod
     def _clone_local(p: Tensor, device: str | None, pin: bool) -> Tensor:
@@ -230,7 +232,7 @@ class DiLoCo:
             self.bad_rounds += 1
         else:
             self.bad_rounds = 0
-            for p, d in zip(slow, work):
+            for p, d in zip(slow, work, strict=True):
                 p.grad = d
             self.outer.step()
             for p in slow:
@@ -358,7 +360,7 @@ def _check_shapes(what: str, saved: list[Tensor], current: list[Tensor]) -> None
             f"{what}: saved state has {len(saved)} tensors, the model has {len(current)}; "
             "it comes from a different model shape"
         )
-    for i, (a, b) in enumerate(zip(saved, current)):
+    for i, (a, b) in enumerate(zip(saved, current, strict=True)):
         if a.shape != b.shape:
             raise CheckpointError(
                 f"{what}: tensor {i} has shape {tuple(a.shape)} in the saved state but "
