@@ -29,12 +29,14 @@ streams, and RNG streams are re-seeded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ __all__ = [
     "RESUME_IGNORE",
     "Checkpointer",
     "list_checkpoints",
+    "load_dcp",
     "newest_checkpoint",
     "plan_resume",
     "read_meta",
@@ -212,7 +215,6 @@ def plan_resume(
     else:
         ckpt, meta = _explicit_checkpoint(Path(resume))
     check_compatible(cfg, ckpt, meta, force, is_main)
-    _note(f"resuming from {ckpt} (step {meta['step']}, round {meta['round']})", is_main)
     return ckpt
 
 
@@ -249,6 +251,11 @@ def check_compatible(
                 "run.out_dir"
             )
         warn(f"--force: resuming {ckpt} with a changed config ({changes})", is_main)
+    if meta["step"] > cfg.train.steps:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is at step {meta['step']}, beyond train.steps={cfg.train.steps}; "
+            f"set train.steps >= {meta['step']} to resume it"
+        )
     saved_g, saved_s = meta["groups"], meta["shards"]
     G, S = cfg.topology.groups, cfg.topology.shards
     if G != saved_g:
@@ -338,7 +345,6 @@ class Checkpointer:
         self.cfg, self.runtime, self.model, self.dl = cfg, runtime, model, dl
         self.scheduler, self.stream = scheduler, stream
         self.root = Path(cfg.run.out_dir) / CHECKPOINTS
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.times: list[float] = []
 
     # ------------------------------------------------------------------ when
@@ -365,8 +371,22 @@ class Checkpointer:
         """Write ``step_<step>/`` atomically and prune to ``train.keep_last``; returns seconds.
 
         ``loop`` is the training loop's own state (JSON: last val loss, pending log fields).
+
+        Raises:
+            CheckpointError: the checkpoint cannot be written (e.g. the disk is full).
         """
         t0 = time.perf_counter()
+        try:
+            self._save(step, loop)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write checkpoint step_{step} in {self.root}: {e.strerror or e}"
+            ) from None
+        seconds = time.perf_counter() - t0
+        self.times.append(seconds)
+        return seconds
+
+    def _save(self, step: int, loop: dict[str, Any]) -> None:
         rt = self.runtime
         tmp = self.root / f"step_{step}.tmp"
         if rt.is_main:
@@ -390,16 +410,14 @@ class Checkpointer:
             faults.before_rename(step)
             final = self.root / f"step_{step}"
             old = self.root / f"step_{step}.old"
-            if final.exists():  # a checkpoint of the same step from an abandoned branch
+            if final.exists():  # a broken checkpoint of this step that auto skipped
+                shutil.rmtree(old, ignore_errors=True)
                 final.rename(old)
             tmp.rename(final)
             _fsync_dir(self.root)
             shutil.rmtree(old, ignore_errors=True)
             self._prune()
         self._barrier()
-        seconds = time.perf_counter() - t0
-        self.times.append(seconds)
-        return seconds
 
     def _meta(self, step: int, loop: dict[str, Any], tmp: Path) -> dict[str, Any]:
         dl, rt = self.dl, self.runtime
@@ -459,11 +477,11 @@ class Checkpointer:
         try:
             if dl.outer is not None:
                 outer_state, staged = self._outer_state()
-                _dcp_load(outer_state, ckpt / "outer", pg)
+                load_dcp(outer_state, ckpt / "outer", pg)
                 for local, staging in staged:
                     local.copy_(_local(staging))
             group_state = self._group_state()
-            _dcp_load(group_state, ckpt / f"group{rt.group % saved_groups}", pg)
+            load_dcp(group_state, ckpt / f"group{rt.group % saved_groups}", pg)
         except CheckpointError as e:
             error = str(e)
         if rt.mean(1.0 if error else 0.0) > 0:  # every rank takes the same decision
@@ -492,6 +510,9 @@ class Checkpointer:
             self.stream.load_state_dict(_torch_load(ckpt / "extra" / f"group{rt.group}.pt"))
         if (saved_groups, meta["shards"]) == (rt.groups, rt.shards):
             _set_rng_state(_torch_load(ckpt / "extra" / f"rank{rt.rank}.pt"))
+        if rt.is_main and ckpt.parent.resolve() == self.root.resolve():
+            self._set_aside_newer(meta["step"])
+        _note(f"resumed from {ckpt} (step {meta['step']}, round {meta['round']})", rt.is_main)
         return meta
 
     def _load_schedule(self, state: dict[str, Any]) -> None:
@@ -504,6 +525,19 @@ class Checkpointer:
         if lambdas is not None:
             for group, lam, base in zip(inner.param_groups, lambdas, sch.base_lrs, strict=True):
                 group["lr"] = base * lam(sch.last_epoch)
+
+    def _set_aside_newer(self, step: int) -> None:
+        """Checkpoints of this run newer than the one resumed belong to an abandoned
+        continuation: rename them ``step_<N>.abandoned`` so that ``auto`` never picks them."""
+        newer = [p for p in list_checkpoints(self.root.parent) if int(p.name[5:]) > step]
+        for p in newer:
+            p.rename(p.with_name(p.name + ".abandoned"))
+        if newer:
+            names = ", ".join(p.name for p in newer)
+            warn(
+                f"resuming from step {step}: set aside the newer checkpoints {names} "
+                "(renamed *.abandoned)"
+            )
 
     # ------------------------------------------------------------------ state pieces
     def _named_params(self) -> Iterator[tuple[str, Tensor]]:
@@ -627,27 +661,61 @@ def _one_line(e: BaseException) -> str:
     return text[:300] + ("…" if len(text) > 300 else "")
 
 
+@contextlib.contextmanager
+def _no_single_process_warning() -> Iterator[None]:
+    """DCP warns on every single-process (``no_dist``) call; that is what we mean here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _dcp_save(state: dict[str, Any], path: Path, pg: Any) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.save(state, checkpoint_id=str(path), process_group=pg, no_dist=pg is None)
+    try:
+        with _no_single_process_warning():
+            dcp.save(state, checkpoint_id=str(path), process_group=pg, no_dist=pg is None)
+    except (Exception, CheckpointException) as e:  # e.g. no space left on the device
+        raise CheckpointError(f"cannot write checkpoint part {path}: {_cause(e)}") from None
 
 
-def _dcp_load(state: dict[str, Any], path: Path, pg: Any) -> None:
-    """``dcp.load`` in place; a missing, corrupt or mismatching checkpoint → CheckpointError."""
+def load_dcp(state: dict[str, Any], path: Path, pg: Any = None) -> None:
+    """``dcp.load`` into ``state``'s tensors, in place (``pg`` None: this process alone).
+
+    Raises:
+        CheckpointError: the DCP directory is missing, corrupt or does not fit ``state``.
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"checkpoint part {path} is missing its .metadata file")
-    try:
-        dcp.load(state, checkpoint_id=str(path), process_group=pg, no_dist=pg is None)
-    except Exception as e:  # DCP wraps every reader failure; report its first cause
-        failures = getattr(e, "failures", None)
-        cause = next(iter(failures.values())) if failures else e
-        cause = getattr(cause, "exc", cause)
+    try:  # read it once first: DCP itself would log a traceback for a corrupt one
+        FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
         raise CheckpointError(
-            f"cannot load {path}: {type(cause).__name__}: {_one_line(cause)}"
+            f"{path}/.metadata is corrupt ({_cause(e)}); move this checkpoint away to resume "
+            "from an older one"
         ) from None
+    try:
+        with _no_single_process_warning():
+            dcp.load(state, checkpoint_id=str(path), process_group=pg, no_dist=pg is None)
+    except (Exception, CheckpointException) as e:  # DCP wraps every reader failure
+        raise CheckpointError(
+            f"cannot load {path}: {_cause(e)}; move this checkpoint away to resume from an "
+            "older one"
+        ) from None
+
+
+def _cause(e: BaseException) -> str:
+    """``Type: message`` of the first underlying failure of a (DCP) exception, on one line."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))  # (exception, stack summary)
+        e = first[0] if isinstance(first, tuple) else first
+    return f"{type(e).__name__}: {_one_line(e)}"
 
 
 def _rng_state() -> dict[str, Tensor]:

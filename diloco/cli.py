@@ -1,6 +1,7 @@
 """The ``diloco`` command line: ``diloco train [--config FILE] [--set section.key=value ...]``,
 ``diloco train … [--resume auto|never|PATH] [--force]``, ``diloco export RUN_DIR --out FILE``,
-``diloco plot RUN_DIR ... --out curves.png`` and ``diloco summary RUN_DIR ... [--json]``.
+``diloco plot RUN_DIR ... --out curves.png``, ``diloco summary RUN_DIR ... [--json]`` and
+``diloco bench optim [--quick] ...``.
 
 User errors (:class:`diloco.errors.DilocoError`) print one line, ``diloco: error: …``, and exit
 with status 2; anything else is a bug and keeps its traceback.
@@ -52,8 +53,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from diloco.export import export
 
     info = export(args.run_dir, args.out)
-    print(f"wrote θ of {info['checkpoint']} (step {info['step']}, {info['params']} parameters) "
-          f"to {info['out']}")
+    print(
+        f"wrote θ of {info['checkpoint']} (step {info['step']}, {info['params']} parameters) "
+        f"to {info['out']}"
+    )
     return 0
 
 
@@ -85,6 +88,19 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """``bench optim``: SNOO / EMA-Nesterov / DiLoCo against tuned AdamW and Muon."""
+    from diloco.bench.optim import add_arguments, run_from_args
+
+    p = sub.add_parser("bench", help="benchmarks (optim: optimisers against tuned baselines)")
+    kinds = p.add_subparsers(dest="bench", required=True)
+    p = kinds.add_parser(
+        "optim", help="train one GPT with several optimisers and seeds; tables + val-loss plot"
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
 def _add_report_parsers(sub: argparse._SubParsersAction) -> None:
     """``plot`` and ``summary``: read run directories back (no torch needed)."""
     for name, help_text in (
@@ -102,7 +118,11 @@ def _add_report_parsers(sub: argparse._SubParsersAction) -> None:
             "its config.yaml, e.g. 'SNOO (AdamW, K=16)')",
         )
         if name == "plot":
-            p.add_argument("--out", default="curves.png", help="image file (.png, .pdf, .svg)")
+            p.add_argument(
+                "--out",
+                default="curves.png",
+                help="image file: .png, .pdf or .svg (default: %(default)s)",
+            )
             p.add_argument("--title", help="figure title")
             p.set_defaults(func=_cmd_plot)
         else:
@@ -112,7 +132,8 @@ def _add_report_parsers(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="diloco", description="Low-communication two-loop training (DiLoCo, SNOO, EMA-Nesterov)."
+        prog="diloco",
+        description="Low-communication two-loop training (DiLoCo, SNOO, EMA-Nesterov).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a GPT with the configured inner/outer optimisers")
@@ -135,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file: .safetensors or .pt")
     p.set_defaults(func=_cmd_export)
     _add_report_parsers(sub)
+    _add_bench_parser(sub)
     return parser
 
 

@@ -6,7 +6,12 @@ The loop, one inner step at a time (every rank of every group runs the same code
 2. forward/backward on the fast weights, clip, ``DiLoCo.step()`` (inner step, and every K
    steps the outer step), then the LR schedule;
 3. every ``log_every`` steps a ``metrics.jsonl`` record; every ``eval_every`` steps the val
-   loss of the slow weights θ.
+   loss of the slow weights θ;
+4. at the end of every ``checkpoint_every``-th round (and of the run) a checkpoint
+   (:mod:`diloco.checkpoint`); its duration is the next record's ``checkpoint_s``.
+
+A run whose ``run.out_dir`` holds a checkpoint continues from it (``--resume``; this is how a
+restarted ``torchrun`` job recovers) at the step after it, without logging step 0 again.
 
 Training always ends with a sync, so the final θ contains every inner step; the final val loss
 is measured on that θ, and rank 0 writes it to ``final_model.pt`` (the full, unsharded
@@ -220,7 +225,6 @@ def _train(cfg: Config, runtime: Runtime, resume: str | None, force: bool) -> di
     resume_from = plan_resume(cfg, resume, force, runtime.is_main)  # read-only checks first
     if runtime.is_main:
         _prepare_out_dir(out_dir)
-        dump_config(cfg, out_dir / "config.yaml")
     seq_len = cfg.model.block_size
     corpus = load_corpus(cfg.data.source, seq_len)
     model = runtime.parallelize(build_model(cfg, corpus.vocab_size), cfg.topology.mixed_precision)
@@ -233,6 +237,8 @@ def _train(cfg: Config, runtime: Runtime, resume: str | None, force: bool) -> di
     ckpt = Checkpointer(cfg, runtime, model, dl, scheduler, stream)
     resumed = ckpt.load(resume_from) if resume_from is not None else None
     first_step = resumed["step"] + 1 if resumed else 1
+    if runtime.is_main:  # only now: a refused or failed resume leaves the run directory as it was
+        dump_config(cfg, out_dir / "config.yaml")
     check = runtime.groups > 1
     checked_round = 0
     start_check = _check_groups_agree(dl, runtime, 0) if check else {}

@@ -1,0 +1,1010 @@
+"""``diloco bench optim``: one GPT, one corpus, one token budget, several optimisers.
+
+Does SNOO / EMA-Nesterov / DiLoCo beat a *tuned* AdamW (and Muon) here? Protocol, per model
+size (``--sizes``), with horizons ``--steps`` (the first, shortest one is the tuning horizon):
+
+1. **Tune** on the short horizon with seed 0, picking the lowest final val loss:
+   - every method's inner LR from the same grid: ``--lr-grid`` for AdamW-inner methods,
+     ``--muon-lr-grid`` (the matrices' LR) for Muon-inner ones, whose AdamW part (embeddings,
+     norms) keeps the middle value of ``--lr-grid``;
+   - SNOO (outer Nesterov, one group): the outer grid (K, η, μ) at the tuned LR of its base
+     (AdamW or Muon), then the LR grid at the best outer setting (coordinate descent: the full
+     K × η × μ × LR product does not fit a CPU budget);
+   - EMA-Nesterov (outer lr 1, m initialised to the first increment, β = 0 for the first 30% and
+     last 10% of the steps): K=1 (the paper's form) with AdamW (β 0.7, γ 0.99) and Muon
+     (β 0.5, γ 0.995) inside, and K=8 with AdamW;
+   - DiLoCo with G=2 groups (each its own batch; a torchrun subprocess of 2 ranks) at SNOO-AdamW's
+     tuned outer setting, against data-parallel AdamW with a 2x batch: equal tokens per step.
+2. **Measure**: each method's best setting runs every horizon with ``--seeds`` seeds (seed 0 of
+   the tuning horizon is the tuning run itself, from the cache).
+3. **Report**: final val loss (mean ± std over seeds, on the slow weights θ) and the compute
+   factor (:mod:`diloco.bench.compute_factor`) on the seed-mean eval curves, with tokens as x:
+   vs tuned AdamW, vs tuned Muon, and for the G=2 pair vs the 2x-batch AdamW.
+
+Every method shares the base config's LR schedule family (``--warmup-frac`` of the horizon for
+warm-up), the seeded data stream (``run.seed``) and the horizon's token budget. Each run is one
+:func:`diloco.train.train` call with its own directory ``OUT/runs/<key>``, ``key`` a hash of the
+run's resolved config: a run whose ``summary.json`` (or, for a diverged run, ``failed.json``)
+exists is not run again, so an interrupted benchmark continues where it stopped.
+
+Outputs in ``--out``: ``results.json`` (every run), ``results.md`` (the tables, also printed)
+and ``curves.png`` (val loss against tokens of each method's best setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import hashlib
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diloco.bench.compute_factor import compute_factor, factor_bound, format_factor, mean_curve
+from diloco.config import Config, config_from_dict, config_to_dict, dump_config, load_config
+from diloco.errors import ConfigError, DilocoError
+
+__all__ = ["METHODS", "Method", "Plan", "add_arguments", "make_plan", "run_bench", "run_from_args"]
+
+#: Named model sizes for ``--sizes`` (``LxE``, e.g. ``6x256``, also works; ``config`` keeps the
+#: config file's model).
+PRESET_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+    "small": {"n_layer": 4, "n_embd": 128, "n_head": 4},
+}
+FULL_LR_GRID = (1e-3, 2e-3, 4e-3)
+FULL_MUON_LR_GRID = (0.01, 0.02, 0.04)
+#: SNOO's outer grid: K ∈ {8, 32} × η ∈ {0.5, 0.7, 1.0} × μ ∈ {0.5, 0.9}.
+FULL_OUTER_GRID = tuple(itertools.product((8, 32), (0.5, 0.7, 1.0), (0.5, 0.9)))
+#: --quick shrinks it to two points (one per K).
+QUICK_OUTER_GRID = ((8, 0.7, 0.5), (32, 0.7, 0.9))
+#: Defaults of a full and a --quick run (explicit flags override them).
+MODES: dict[str, dict[str, Any]] = {
+    "full": {"sizes": ["tiny", "small"], "steps": [300, 1200], "seeds": 3},
+    "quick": {"sizes": ["tiny"], "steps": [100, 250], "seeds": 2},
+}
+
+
+def _ema(k: int, beta: float, gamma: float) -> dict[str, Any]:
+    return {
+        "outer.method": "ema_nesterov",
+        "outer.sync_every": k,
+        "outer.lr": 1.0,
+        "outer.ema_beta": beta,
+        "outer.ema_gamma": gamma,
+        "outer.ema_init": "first_increment",
+        "outer.ema_warmup": 0.3,
+        "outer.ema_rest": 0.1,
+    }
+
+
+@dataclass(frozen=True)
+class Method:
+    """One optimiser set-up of the benchmark."""
+
+    name: str
+    label: str
+    inner: str  # "adamw" or "muon": which LR grid it is tuned on
+    fixed: dict[str, Any]  # dotted config settings that define it
+    tune_outer_at: str | None = None  # SNOO: tune (K, η, μ) at this base method's tuned LR
+    outer_from: str | None = None  # DiLoCo G=2: take this method's tuned (K, η, μ)
+    groups: int = 1
+    batch_mult: int = 1
+
+
+_NONE = {"outer.method": "none"}
+METHODS: tuple[Method, ...] = (
+    Method("adamw", "AdamW", "adamw", _NONE),
+    Method("muon", "Muon", "muon", _NONE),
+    Method("snoo_adamw", "SNOO (AdamW)", "adamw", {"outer.method": "nesterov"}, "adamw"),
+    Method("snoo_muon", "SNOO (Muon)", "muon", {"outer.method": "nesterov"}, "muon"),
+    Method("ema1_adamw", "EMA-Nesterov K=1 (AdamW)", "adamw", _ema(1, 0.7, 0.99)),
+    Method("ema1_muon", "EMA-Nesterov K=1 (Muon)", "muon", _ema(1, 0.5, 0.995)),
+    Method("ema8_adamw", "EMA-Nesterov K=8 (AdamW)", "adamw", _ema(8, 0.7, 0.99)),
+    Method("adamw_2x", "AdamW 2x batch (DP)", "adamw", _NONE, batch_mult=2),
+    Method(
+        "diloco_g2",
+        "DiLoCo G=2 (AdamW)",
+        "adamw",
+        {"outer.method": "nesterov", "topology.backend": "gloo"},
+        outer_from="snoo_adamw",
+        groups=2,
+    ),
+)
+_BY_NAME = {m.name: m for m in METHODS}
+#: The compute-factor baselines: column title → method.
+BASELINES = {"vs AdamW": "adamw", "vs Muon": "muon", "vs DP 2x": "adamw_2x"}
+#: Methods compared with the 2x-batch data-parallel baseline (the equal-tokens G=2 pair).
+_DP_FAMILY = ("adamw_2x", "diloco_g2")
+
+
+@dataclass
+class Plan:
+    """Everything that decides which runs the benchmark makes."""
+
+    base: dict[str, dict[str, Any]]  # the base config (file + --set + --data), as a dict
+    sizes: dict[str, dict[str, int]]  # size name → model.* settings
+    horizons: list[int]
+    seeds: int
+    lr_grid: list[float]
+    muon_lr_grid: list[float]
+    outer_grid: list[tuple[int, float, float]]
+    methods: list[Method]
+    evals: int = 16
+    warmup_frac: float = 0.1
+    skipped: dict[str, str] = field(default_factory=dict)  # method → why it is not run
+
+    @property
+    def tune_steps(self) -> int:
+        return self.horizons[0]
+
+    def eval_every(self, steps: int) -> int:
+        """About ``steps / evals``, rounded down to a multiple of the largest K of the plan (at
+        least one K), so that every evaluation sees freshly synchronised slow weights."""
+        ks = [k for k, _, _ in self.outer_grid]
+        ks += [m.fixed.get("outer.sync_every", 1) for m in self.methods]
+        k = max(ks, default=1)
+        return k * max(1, steps // self.evals // k)
+
+    def n_tune_runs(self, m: Method) -> int:
+        grid = len(self.lr_grid if m.inner == "adamw" else self.muon_lr_grid)
+        return grid + len(self.outer_grid) - 1 if m.tune_outer_at else grid
+
+    def n_runs(self) -> int:
+        per_size = sum(
+            self.n_tune_runs(m) + len(self.horizons) * self.seeds - 1 for m in self.methods
+        )
+        return per_size * len(self.sizes)
+
+
+# --- configs and run keys ------------------------------------------------------------------------
+
+
+def _set(cfg: dict[str, dict[str, Any]], dotted: str, value: Any) -> None:
+    section, key = dotted.split(".")
+    cfg.setdefault(section, {})[key] = value
+
+
+def run_config(
+    plan: Plan, m: Method, size: str, steps: int, seed: int, settings: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The nested config dict of one run (``run.out_dir`` left to the caller)."""
+    cfg = copy.deepcopy(plan.base)
+    for key, value in plan.sizes[size].items():
+        _set(cfg, f"model.{key}", value)
+    _set(cfg, "run.seed", seed)
+    _set(cfg, "run.progress", False)
+    _set(cfg, "train.steps", steps)
+    every = plan.eval_every(steps)
+    _set(cfg, "train.eval_every", every)
+    _set(cfg, "train.log_every", every)
+    _set(cfg, "train.checkpoint_every", 0)
+    _set(cfg, "inner.warmup_steps", min(steps - 1, round(plan.warmup_frac * steps)))
+    _set(cfg, "inner.optimizer", m.inner)
+    if m.inner == "muon":  # the AdamW part of Muon: the middle of the shared grid
+        _set(cfg, "inner.lr", plan.lr_grid[len(plan.lr_grid) // 2])
+    _set(cfg, "data.batch_size", plan.base["data"]["batch_size"] * m.batch_mult)
+    _set(cfg, "topology.groups", m.groups)
+    _set(cfg, "topology.shards", 1)
+    for dotted, value in {**m.fixed, **settings}.items():
+        _set(cfg, dotted, value)
+    return cfg
+
+
+def run_key(m: Method, size: str, steps: int, seed: int, cfg: dict[str, dict[str, Any]]) -> str:
+    """``<method>-<size>-<steps>-s<seed>-<hash>``; the hash covers everything that can change
+    the result (the resolved config minus output/progress settings, and the process count)."""
+    data = config_to_dict(config_from_dict(cfg))  # resolved: defaults filled, values canonical
+    for dotted in ("run.out_dir", "run.progress", "run.tensorboard"):
+        section, key = dotted.split(".")
+        data[section].pop(key, None)
+    blob = json.dumps({"config": data, "nproc": m.groups}, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return f"{m.name}-{size}-{steps}-s{seed}-{digest}"
+
+
+def settings_label(settings: dict[str, Any]) -> str:
+    """``lr=2e-03 K=8 η=0.7 μ=0.5``: the tuned knobs of a setting."""
+    names = {
+        "inner.lr": "lr",
+        "inner.muon_lr": "muon_lr",
+        "outer.sync_every": "K",
+        "outer.lr": "η",
+        "outer.momentum": "μ",
+    }
+    parts = []
+    for key, name in names.items():
+        if key in settings:
+            value = settings[key]
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(f"{name}={shown}")
+    return " ".join(parts)
+
+
+# --- running one configuration (cached) ----------------------------------------------------------
+
+
+class _LaunchFailed(DilocoError):
+    """A torchrun subprocess failed (not cached: the next invocation tries again)."""
+
+
+def _read_curve(run_dir: Path) -> list[list[float]]:
+    from diloco.metrics import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [
+        [r["step"], r["tokens"], float(r["val_loss"])]
+        for r in read_metrics(path)
+        if "val_loss" in r
+    ]
+
+
+def _finite_or_none(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Runner:
+    """Runs configurations into ``out/runs/<key>`` and reads finished ones back from there."""
+
+    def __init__(self, out: Path, total: int, log: Callable[[str], None] = print):
+        self.runs_dir = out / "runs"
+        self.total = total
+        self.log = log
+        self.results: dict[str, dict[str, Any]] = {}
+        self.executed = 0
+        self.reused = 0
+
+    def run(self, m: Method, size: str, steps: int, seed: int, cfg: dict, settings: dict) -> dict:
+        key = run_key(m, size, steps, seed, cfg)
+        if key in self.results:
+            return self.results[key]
+        run_dir = self.runs_dir / key
+        meta = {
+            "key": key,
+            "method": m.name,
+            "size": size,
+            "steps": steps,
+            "seed": seed,
+            "settings": settings,
+        }
+        cached = self._load(run_dir)
+        if cached is None:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # an interrupted run: start it over
+            result = {**meta, **self._execute(m, cfg, run_dir)}
+            self.executed += 1
+            note = f"{result['wall_s']:.1f} s"
+        else:
+            result = {**meta, **cached}
+            self.reused += 1
+            note = "cached"
+        self.results[key] = result
+        loss = result["final_val_loss"]
+        shown = f"{loss:.4f}" if loss is not None else result["status"]
+        n = self.executed + self.reused
+        self.log(
+            f"[{n}/{self.total}] {size} {m.name} {steps} steps seed {seed} "
+            f"{settings_label(settings)} -> {shown} ({note})"
+        )
+        return result
+
+    def _load(self, run_dir: Path) -> dict[str, Any] | None:
+        summary, failed = run_dir / "summary.json", run_dir / "failed.json"
+        if failed.exists():
+            return json.loads(failed.read_text())
+        if not summary.exists():
+            return None
+        s = json.loads(summary.read_text())
+        final = _finite_or_none(s["final_val_loss"])
+        return {
+            "status": "ok" if final is not None else "diverged",
+            "final_val_loss": final,
+            "tokens": s["tokens"],
+            "wall_s": s["wall_s"],
+            "groups": s.get("groups", 1),
+            "curve": _read_curve(run_dir),
+        }
+
+    def _execute(self, m: Method, cfg_dict: dict, run_dir: Path) -> dict[str, Any]:
+        from diloco.wrapper import NonFiniteError
+
+        cfg_dict = copy.deepcopy(cfg_dict)
+        _set(cfg_dict, "run.out_dir", str(run_dir))
+        cfg = config_from_dict(cfg_dict)
+        start = time.perf_counter()
+        try:
+            if m.groups == 1:
+                from diloco.train import train
+
+                train(cfg)
+            else:
+                self._launch(cfg, m.groups, run_dir)
+        except NonFiniteError as e:  # diverged: a result like any other, cached
+            failed = {
+                "status": "diverged",
+                "final_val_loss": None,
+                "tokens": 0,
+                "wall_s": time.perf_counter() - start,
+                "curve": _read_curve(run_dir),
+                "error": str(e),
+            }
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "failed.json").write_text(json.dumps(failed, indent=1) + "\n")
+            return failed
+        except _LaunchFailed as e:
+            return {
+                "status": "failed",
+                "final_val_loss": None,
+                "tokens": 0,
+                "wall_s": time.perf_counter() - start,
+                "curve": [],
+                "error": str(e),
+            }
+        return self._load(run_dir)
+
+    @staticmethod
+    def _launch(cfg: Config, nproc: int, run_dir: Path) -> None:
+        """One ``torchrun --nproc-per-node nproc -m diloco train`` run (G groups of S=1)."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        launch_cfg = run_dir / "launch.yaml"
+        dump_config(cfg, launch_cfg)
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+            "-m", "diloco", "train", "--config", str(launch_cfg),
+        ]  # fmt: skip
+        root = str(Path(__file__).resolve().parents[2])  # so a non-installed checkout works
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+        }
+        log_path = run_dir / "launch.log"
+        with open(log_path, "w", encoding="utf-8") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        summary = run_dir / "summary.json"
+        if rc != 0 or not summary.exists():
+            from diloco.wrapper import NonFiniteError
+
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            diverged = [line for line in lines if "pseudo-gradient was non-finite" in line]
+            if diverged:  # a rank stopped on NonFiniteError: a result, cached like in-process
+                raise NonFiniteError(diverged[-1])
+            raise _LaunchFailed(f"torchrun exited with {rc}: {' | '.join(lines[-3:])}")
+        groups = json.loads(summary.read_text()).get("groups", 1)
+        if groups != nproc:
+            summary.unlink()
+            raise _LaunchFailed(f"the run reports groups={groups}, not {nproc}")
+
+
+# --- the protocol --------------------------------------------------------------------------------
+
+
+def _loss_or_inf(result: dict[str, Any]) -> float:
+    loss = result["final_val_loss"]
+    return loss if loss is not None else math.inf
+
+
+def _lr_key(m: Method) -> str:
+    return "inner.lr" if m.inner == "adamw" else "inner.muon_lr"
+
+
+def _tune(plan: Plan, runner: Runner, size: str) -> tuple[dict[str, dict], list[dict]]:
+    """Best settings per method at the tuning horizon, seed 0; and every tuning result."""
+    best: dict[str, dict[str, Any]] = {}
+    tried: list[dict[str, Any]] = []
+
+    def sweep(m: Method, candidates: list[dict[str, Any]]) -> dict[str, Any]:
+        results = []
+        for settings in candidates:
+            cfg = run_config(plan, m, size, plan.tune_steps, 0, settings)
+            r = runner.run(m, size, plan.tune_steps, 0, cfg, settings)
+            results.append(r)
+            if r not in tried:  # SNOO's LR sweep repeats its best outer point
+                tried.append(r)
+        return min(results, key=_loss_or_inf)["settings"]
+
+    def lr_settings(m: Method, base: dict[str, Any]) -> list[dict[str, Any]]:
+        grid = plan.lr_grid if m.inner == "adamw" else plan.muon_lr_grid
+        return [{**base, _lr_key(m): lr} for lr in grid]
+
+    def mid_lr(m: Method) -> float:
+        grid = plan.lr_grid if m.inner == "adamw" else plan.muon_lr_grid
+        return grid[len(grid) // 2]
+
+    # Baselines first (SNOO starts from their tuned LR), then SNOO (DiLoCo takes its outer).
+    order = sorted(
+        plan.methods, key=lambda m: (m.outer_from is not None, m.tune_outer_at is not None)
+    )
+    for m in order:
+        if m.tune_outer_at:
+            base = best.get(m.tune_outer_at, {})
+            lr = base.get(_lr_key(m), mid_lr(m))
+            outer = [
+                {_lr_key(m): lr, "outer.sync_every": k, "outer.lr": eta, "outer.momentum": mu}
+                for k, eta, mu in plan.outer_grid
+            ]
+            chosen = sweep(m, outer)
+            fixed = {k: v for k, v in chosen.items() if k.startswith("outer.")}
+            best[m.name] = sweep(m, lr_settings(m, fixed))
+        elif m.outer_from:
+            source = best.get(m.outer_from, {})
+            fixed = {k: v for k, v in source.items() if k.startswith("outer.")}
+            if not fixed:
+                k, eta, mu = plan.outer_grid[0]
+                fixed = {"outer.sync_every": k, "outer.lr": eta, "outer.momentum": mu}
+            best[m.name] = sweep(m, lr_settings(m, fixed))
+        else:
+            best[m.name] = sweep(m, lr_settings(m, {}))
+    return best, tried
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _aggregate(plan: Plan, runner: Runner, size: str, best: dict[str, dict]) -> list[dict]:
+    """Seeds × horizons of every method's best setting → one row per (horizon, method)."""
+    rows = []
+    for steps in plan.horizons:
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for m in plan.methods:
+            settings = best[m.name]
+            results = [
+                runner.run(
+                    m, size, steps, seed, run_config(plan, m, size, steps, seed, settings), settings
+                )
+                for seed in range(plan.seeds)
+            ]
+            finals = [r["final_val_loss"] for r in results if r["final_val_loss"] is not None]
+            seed_curves = [[(t, v) for _, t, v in r["curve"]] for r in results if r["curve"]]
+            curves[m.name] = mean_curve(seed_curves) if len(finals) == len(results) else []
+            rows.append(
+                {
+                    "size": size,
+                    "steps": steps,
+                    "method": m.name,
+                    "label": m.label,
+                    "settings": settings,
+                    "setting": settings_label(settings),
+                    "seeds": len(results),
+                    "ok_seeds": len(finals),
+                    "final_val_loss_mean": statistics.fmean(finals) if finals else None,
+                    "final_val_loss_std": _std(finals) if finals else None,
+                    "tokens": max((r["tokens"] for r in results), default=0),
+                    "wall_s_mean": statistics.fmean(r["wall_s"] for r in results),
+                    "curve_mean": curves[m.name],
+                    "keys": [r["key"] for r in results],
+                }
+            )
+        for row in rows:
+            if row["steps"] != steps:
+                continue
+            for column, base in BASELINES.items():
+                if base not in curves or (base == "adamw_2x" and row["method"] not in _DP_FAMILY):
+                    row[column] = None
+                    continue
+                cf = compute_factor(curves[base], curves[row["method"]])
+                bound = factor_bound(curves[base], curves[row["method"]]) if cf is None else None
+                row[column] = {"factor": cf, "bound": bound, "text": format_factor(cf, bound)}
+    return rows
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+def _size_label(plan: Plan, size: str) -> str:
+    model = {**plan.base["model"], **plan.sizes[size]}
+    params = _n_params(model) / 1e6
+    shape = f"{model['n_layer']}x{model['n_embd']}, seq {model['block_size']}"
+    return f"{size} = {shape}, {params:.2f}M params"
+
+
+def _n_params(model: dict[str, Any]) -> int:
+    from diloco.models import GPT, GPTConfig
+
+    keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+    return GPT(GPTConfig(**{k: model[k] for k in keys})).num_params()
+
+
+def _loss_text(row: dict[str, Any]) -> str:
+    mean, std = row["final_val_loss_mean"], row["final_val_loss_std"]
+    if mean is None:
+        return "diverged"
+    text = f"{mean:.4f} ± {std:.4f}"
+    return (
+        text if row["ok_seeds"] == row["seeds"] else f"{text} ({row['ok_seeds']}/{row['seeds']} ok)"
+    )
+
+
+def _cf_text(row: dict[str, Any], column: str) -> str:
+    cell = row.get(column)
+    return cell["text"] if cell else "—"
+
+
+def render_markdown(plan: Plan, rows: list[dict], tried: list[dict], meta: dict[str, Any]) -> str:
+    """The benchmark's tables (``results.md``; also printed)."""
+    lines = [
+        "# diloco bench optim",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}; hardware: {meta['hardware']}",
+        f"- wall time: {meta['wall_s']:.0f} s for this invocation ({meta['executed']} runs "
+        f"executed, {meta['reused']} from the cache); the runs' own wall times sum to "
+        f"{meta['runs_wall_s']:.0f} s",
+        f"- sizes: {'; '.join(_size_label(plan, s) for s in plan.sizes)}",
+        f"- data: `{plan.base['data']['source']}`, batch {plan.base['data']['batch_size']} "
+        f"(x2 for the DP / G=2 pair); schedule {plan.base['inner']['schedule']} "
+        f"with {plan.warmup_frac:.0%} warm-up; seeds: {plan.seeds}; tuned at "
+        f"{plan.tune_steps} steps on seed 0",
+        f"- grids: lr {plan.lr_grid}; muon_lr {plan.muon_lr_grid} (Muon's AdamW part at lr "
+        f"{plan.lr_grid[len(plan.lr_grid) // 2]:g}); SNOO (K, η, μ) {plan.outer_grid}",
+        "- compute factor (CF): tokens the baseline needs to reach its own final val loss ÷ "
+        "tokens the method needs to reach it (first crossing of the seed-mean eval curve, linear "
+        "interpolation); > 1 is faster; `<b (not reached)` = never reached, b is an upper bound",
+    ]
+    for method, why in plan.skipped.items():
+        lines.append(f"- **{method} skipped**: {why}")
+    lines += ["", "## Final val loss and compute factor (best setting per method)", ""]
+    lines.append(
+        "| size | steps | method | best setting | final val loss (mean ± std) "
+        "| CF vs AdamW | CF vs Muon | CF vs DP 2x | wall s/run |"
+    )
+    lines.append("|---|---:|---|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        lines.append(
+            f"| {row['size']} | {row['steps']} | {row['label']} | {row['setting']} | "
+            f"{_loss_text(row)} | {_cf_text(row, 'vs AdamW')} | {_cf_text(row, 'vs Muon')} | "
+            f"{_cf_text(row, 'vs DP 2x')} | {row['wall_s_mean']:.1f} |"
+        )
+    columns = [(s, h) for s in plan.sizes for h in plan.horizons]
+    for column in ("vs AdamW", "vs Muon"):
+        lines += ["", f"## Compute factor {column}: does it grow with size and length?", ""]
+        lines.append("| method | " + " | ".join(f"{s} / {h} steps" for s, h in columns) + " |")
+        lines.append("|---|" + "---:|" * len(columns))
+        for m in plan.methods:
+            cells = []
+            for s, h in columns:
+                match = [r for r in rows if (r["size"], r["steps"], r["method"]) == (s, h, m.name)]
+                cells.append(_cf_text(match[0], column) if match else "—")
+            lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Tuning runs ({plan.tune_steps} steps, seed 0)", ""]
+    lines.append("| size | method | setting | final val loss |")
+    lines.append("|---|---|---|---:|")
+    for r in tried:
+        loss = r["final_val_loss"]
+        shown = f"{loss:.4f}" if loss is not None else r["status"]
+        lines.append(f"| {r['size']} | {r['method']} | {settings_label(r['settings'])} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(plan: Plan, rows: list[dict], path: Path) -> None:
+    """Seed-mean val loss against tokens, one panel per (size, horizon)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes, horizons = list(plan.sizes), plan.horizons
+    fig, axes = plt.subplots(
+        len(sizes), len(horizons), figsize=(6 * len(horizons), 4.2 * len(sizes)), squeeze=False
+    )
+    styles = ["-", "--", "-.", ":"]
+    for i, size in enumerate(sizes):
+        for j, steps in enumerate(horizons):
+            ax = axes[i][j]
+            panel = [r for r in rows if r["size"] == size and r["steps"] == steps]
+            finals, tops = [], []
+            for k, row in enumerate(panel):
+                if not row["curve_mean"]:
+                    continue
+                xs, ys = zip(*row["curve_mean"], strict=True)
+                ax.plot(xs, ys, styles[k // 10 % 4], label=f"{row['label']}", lw=1.4)
+                finals.append(min(ys))
+                later = [y for x, y in row["curve_mean"] if x >= 0.2 * xs[-1]]
+                tops.append(later[0] if later else ys[-1])
+            if finals:
+                low, high = min(finals), max(tops)
+                pad = 0.05 * max(high - low, 1e-3)
+                ax.set_ylim(low - pad, high + pad)
+            seeds = f"{plan.seeds} seeds, mean" if plan.seeds > 1 else "1 seed"
+            ax.set_title(f"{size}, {steps} steps ({seeds})")
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("val loss (slow weights)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _hardware(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    text = (
+        f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+    if device == "cuda" and torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+# --- plan, estimate, run -------------------------------------------------------------------------
+
+
+def _parse_size(spec: str, base_model: dict[str, Any]) -> dict[str, int]:
+    if spec in PRESET_SIZES:
+        return dict(PRESET_SIZES[spec])
+    if spec == "config":
+        return {}
+    match = re.fullmatch(r"(\d+)x(\d+)", spec)
+    if not match:
+        raise ConfigError(
+            f"--sizes: unknown size {spec!r}; use {', '.join(PRESET_SIZES)}, config, or LxE "
+            "(layers x width, e.g. 6x256)"
+        )
+    n_layer, n_embd = int(match[1]), int(match[2])
+    return {"n_layer": n_layer, "n_embd": n_embd, "n_head": max(1, n_embd // 32)}
+
+
+def _distributed_problem(base: dict[str, dict[str, Any]], groups: int) -> str | None:
+    """Why a G-group torchrun run cannot work here, or None."""
+    import torch
+
+    import diloco.topology as topology
+
+    source = Path(topology.__file__).read_text(encoding="utf-8")
+    if "init_process_group" not in source:
+        return (
+            "the distributed layer (diloco/topology.py) does not set up a process group yet, "
+            "so topology.groups > 1 cannot run"
+        )
+    device = base["run"]["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.device_count() < groups:
+        return f"needs {groups} GPUs, found {torch.cuda.device_count()}"
+    return None
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """The :class:`Plan` of the parsed ``diloco bench optim`` arguments."""
+    mode = MODES["quick" if args.quick else "full"]
+    cfg = load_config(args.config, args.overrides)
+    base = config_to_dict(cfg)
+    if args.data:
+        base["data"]["source"] = args.data
+    default_sizes = ["config"] if args.config else mode["sizes"]
+    sizes = {s: _parse_size(s, base["model"]) for s in (args.sizes or default_sizes)}
+    horizons = sorted(set(args.steps or mode["steps"]))
+    if args.config:  # a config brings its own LR scale: grid = its lr x {1/2, 1, 2}
+        lr_grid = [base["inner"]["lr"] * f for f in (0.5, 1.0, 2.0)]
+        muon_grid = [base["inner"]["muon_lr"] * f for f in (0.5, 1.0, 2.0)]
+    else:
+        lr_grid, muon_grid = list(FULL_LR_GRID), list(FULL_MUON_LR_GRID)
+    outer_grid = list(QUICK_OUTER_GRID if args.quick else FULL_OUTER_GRID)
+    if args.lr_grid:
+        lr_grid = args.lr_grid
+    if args.muon_lr_grid:
+        muon_grid = args.muon_lr_grid
+    names = args.methods or [m.name for m in METHODS]
+    unknown = [n for n in names if n not in _BY_NAME]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(_BY_NAME)}")
+    wanted = set(names) | {"adamw"}  # the compute factors need the AdamW baseline
+    if any(_BY_NAME[n].inner == "muon" for n in wanted):
+        wanted.add("muon")
+    if "diloco_g2" in wanted:
+        wanted |= {"snoo_adamw", "adamw_2x"}
+    plan = Plan(
+        base=base,
+        sizes=sizes,
+        horizons=horizons,
+        seeds=args.seeds or mode["seeds"],
+        lr_grid=lr_grid,
+        muon_lr_grid=muon_grid,
+        outer_grid=outer_grid,
+        methods=[m for m in METHODS if m.name in wanted],
+        evals=args.evals,
+        warmup_frac=args.warmup_frac,
+    )
+    if args.tiny_test:
+        _shrink_for_test(plan)
+    for m in list(plan.methods):
+        problem = _distributed_problem(base, m.groups) if m.groups > 1 else None
+        named = bool(args.methods) and m.name in args.methods
+        if problem is None and m.groups > 1 and args.tiny_test and not named:
+            problem = "left out of --tiny-test unless named in --methods (slow to launch)"
+        if problem:
+            plan.methods.remove(m)
+            plan.skipped[m.name] = problem
+    # Fail on a bad corpus or model now, not after an hour of runs.
+    _check_data(plan)
+    return plan
+
+
+def _shrink_for_test(plan: Plan) -> None:
+    """--tiny-test: a seconds-long plan exercising every stage (tests only)."""
+    plan.sizes = {"test": {"n_layer": 1, "n_embd": 16, "n_head": 1, "block_size": 16}}
+    plan.base["data"]["batch_size"] = 4
+    plan.base["train"]["eval_batches"] = 2
+    plan.horizons = [10, 20]
+    plan.seeds = 1
+    plan.evals = 2
+    plan.lr_grid = plan.lr_grid[len(plan.lr_grid) // 2 :][:1]
+    plan.muon_lr_grid = plan.muon_lr_grid[len(plan.muon_lr_grid) // 2 :][:1]
+    plan.outer_grid = [(5, 0.7, 0.5)]
+
+
+def _check_data(plan: Plan) -> None:
+    from diloco.data import load_corpus
+
+    block = max(s.get("block_size", plan.base["model"]["block_size"]) for s in plan.sizes.values())
+    corpus = load_corpus(plan.base["data"]["source"], block)
+    if corpus.vocab_size > plan.base["model"]["vocab_size"]:
+        plan.base["model"]["vocab_size"] = corpus.vocab_size  # e.g. bin: GPT-2 tokens
+    for m in plan.methods:  # validate one config per method and size
+        for size in plan.sizes:
+            cfg = run_config(plan, m, size, plan.tune_steps, 0, {})
+            _set(cfg, "run.out_dir", "unused")
+            config_from_dict(cfg)
+
+
+def _probe_ms(plan: Plan, out: Path, size: str, inner: str) -> float:
+    """Milliseconds per inner step of a 24-step plain run (for the time estimate)."""
+    from diloco.train import train
+
+    m = _BY_NAME[inner]
+    cfg = run_config(plan, m, size, 24, 0, {})
+    probe_dir = out / "probe" / f"{size}-{inner}"
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    _set(cfg, "run.out_dir", str(probe_dir))
+    _set(cfg, "train.eval_every", 0)
+    summary = train(config_from_dict(cfg))
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    return summary["inner_step_ms"]
+
+
+def estimate_s(plan: Plan, step_ms: dict[tuple[str, str], float]) -> float:
+    """Seconds the plan needs given measured (size, adamw|muon) inner-step times.
+
+    An eval costs about eval_batches / 3 steps (forward only); EMA K=1 adds ~15% per step; a
+    G=2 run costs two groups' steps (one thread each) plus ~10 s to launch.
+    """
+    total = 0.0
+    for size in plan.sizes:
+        for m in plan.methods:
+            ms = step_ms[(size, m.inner)] * m.batch_mult * m.groups
+            if m.fixed.get("outer.sync_every") == 1:
+                ms *= 1.15
+            eval_ms = step_ms[(size, "adamw")] * plan.base["train"]["eval_batches"] / 3
+            startup = 10.0 if m.groups > 1 else 0.5
+            runs = [plan.tune_steps] * plan.n_tune_runs(m)
+            runs += [h for h in plan.horizons for _ in range(plan.seeds)]
+            runs.remove(plan.tune_steps)  # seed 0 at the tuning horizon is the tuning run
+            total += sum(h * ms / 1e3 + (plan.evals + 1) * eval_ms / 1e3 + startup for h in runs)
+    return total
+
+
+def announce(plan: Plan, out: Path, probe: bool = True) -> None:
+    """Print the plan; with ``probe``, time a few steps per size and print the estimate."""
+    names = ", ".join(m.name for m in plan.methods)
+    print(
+        f"diloco bench optim: {plan.n_runs()} runs planned ({names}; sizes "
+        f"{', '.join(plan.sizes)}; horizons {plan.horizons}; {plan.seeds} seeds)"
+    )
+    for method, why in plan.skipped.items():
+        print(f"  skipping {method}: {why}")
+    if not probe:
+        return
+    inners = sorted({m.inner for m in plan.methods})
+    step_ms = {(s, i): _probe_ms(plan, out, s, i) for s in plan.sizes for i in inners}
+    shown = ", ".join(f"{s}/{i} {ms:.0f} ms" for (s, i), ms in step_ms.items())
+    minutes = estimate_s(plan, step_ms) / 60
+    print(
+        f"  measured inner step: {shown}; estimated total {minutes:.1f} min "
+        "(runs already in the cache cost nothing)",
+        flush=True,
+    )
+
+
+def run_bench(plan: Plan, out: Path, command: str, probe: bool = True) -> dict[str, Any]:
+    """Run (or read from the cache) the whole plan; write results.json, results.md, curves.png."""
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    announce(plan, out, probe)
+    runner = Runner(out, plan.n_runs())
+    rows, tried, best_all = [], [], {}
+    for size in plan.sizes:
+        best, size_tried = _tune(plan, runner, size)
+        best_all[size] = best
+        tried += size_tried
+        rows += _aggregate(plan, runner, size, best)
+    meta = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "hardware": _hardware(plan.base["run"]["device"]),
+        "wall_s": time.perf_counter() - started,
+        "executed": runner.executed,
+        "reused": runner.reused,
+        "runs_wall_s": sum(r["wall_s"] for r in runner.results.values()),
+    }
+    markdown = render_markdown(plan, rows, tried, meta)
+    (out / "results.md").write_text(markdown, encoding="utf-8")
+    plot_curves(plan, rows, out / "curves.png")
+    results = {
+        "meta": meta,
+        "plan": {
+            "sizes": plan.sizes,
+            "horizons": plan.horizons,
+            "seeds": plan.seeds,
+            "lr_grid": plan.lr_grid,
+            "muon_lr_grid": plan.muon_lr_grid,
+            "outer_grid": plan.outer_grid,
+            "methods": [m.name for m in plan.methods],
+            "skipped": plan.skipped,
+            "evals": plan.evals,
+            "warmup_frac": plan.warmup_frac,
+            "base_config": plan.base,
+        },
+        "best": best_all,
+        "table": rows,
+        "runs": list(runner.results.values()),
+    }
+    text = json.dumps(_sanitize(results), indent=1, allow_nan=False)
+    (out / "results.json").write_text(text + "\n", encoding="utf-8")
+    print()
+    print(markdown)
+    print(f"outputs: {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
+    return results
+
+
+def _sanitize(obj: Any) -> Any:
+    """JSON-safe copy: tuples become lists, non-finite floats become None."""
+    if isinstance(obj, dict):
+        return {k: _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+#: (flag, add_argument keywords) of ``diloco bench optim``, in help order.
+_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--quick", {"action": "store_true",
+                 "help": "small plan: tiny model, 2 seeds, short horizons (< 5 min, 2 CPU cores)"}),
+    ("--config", {"help": "base YAML config (model, data, schedule, device); its model is the "
+                  "size unless --sizes is given"}),
+    ("--set", {"dest": "overrides", "action": "append", "default": [],
+               "metavar": "SECTION.KEY=VALUE",
+               "help": "override a base config value (repeatable)"}),
+    ("--data", {"help": "corpus: embedded, text:PATH or bin:GLOB (default: the config's)"}),
+    ("--out", {"default": "bench_results/optim", "help": "output and cache directory"}),
+    ("--seeds", {"type": int, "help": "seeds per method's best setting (full: 3, quick: 2)"}),
+    ("--sizes", {"nargs": "+", "help": "model sizes: tiny, small, config, or LxE (e.g. 6x256)"}),
+    ("--steps", {"nargs": "+", "type": int,
+                 "help": "horizons in steps; the shortest is the tuning horizon"}),
+    ("--methods", {"nargs": "+", "help": f"subset of: {', '.join(_BY_NAME)}"}),
+    ("--lr-grid", {"type": _floats, "help": "LR grid of AdamW-inner methods, e.g. 1e-3,2e-3,4e-3"}),
+    ("--muon-lr-grid", {"type": _floats, "help": "Muon LR grid of Muon-inner methods"}),
+    ("--evals", {"type": int, "default": 16, "help": "evaluations per run (the curve's points)"}),
+    ("--warmup-frac", {"type": float, "default": 0.1,
+                       "help": "LR warm-up as a fraction of the horizon"}),
+    ("--threads", {"type": int, "help": "torch threads of the single-process runs (default: "
+                   "all cores, or OMP_NUM_THREADS); G=2 runs use one per rank"}),
+    ("--plan", {"action": "store_true", "help": "print the plan and time estimate, run nothing"}),
+    ("--tiny-test", {"action": "store_true", "help": argparse.SUPPRESS}),
+)  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``diloco bench optim``."""
+    for flag, kwargs in _OPTIONS:
+        p.add_argument(flag, **kwargs)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The ``diloco bench optim ...`` command line that reproduces ``args``."""
+    parts = ["diloco bench optim"]
+    for flag, kwargs in _OPTIONS:
+        value = getattr(args, kwargs.get("dest", flag[2:].replace("-", "_")))
+        if value is None or value is False or value == kwargs.get("default") or value == []:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif flag == "--set":
+            parts += [f"--set {v}" for v in value]
+        elif isinstance(value, list):
+            sep = "," if flag.endswith("grid") else " "
+            parts.append(
+                f"{flag} " + sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+            )
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``diloco bench optim``."""
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.steps and min(args.steps) < 2:
+        raise ConfigError(f"--steps must be >= 2, got {args.steps}")
+    plan = make_plan(args)
+    out = Path(args.out)
+    command = _command(args)
+    if args.plan:
+        with _torch_threads(args.threads):
+            announce(plan, out, probe=not args.tiny_test)
+        return 0
+    threads = 1 if args.tiny_test and not args.threads else args.threads
+    with _torch_threads(threads):  # tiny runs: one thread is fastest on a busy machine
+        run_bench(plan, out, command, probe=not args.tiny_test)
+    return 0
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run in-process trainings with ``n`` torch threads (``train`` honours OMP_NUM_THREADS)."""
+    import torch
+
+    if not n:
+        yield
+        return
+    saved_env, saved_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        if saved_env is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_env

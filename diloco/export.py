@@ -1,0 +1,118 @@
+"""``diloco export``: θ of a checkpoint as one plain, unsharded ``GPT`` state dict.
+
+The checkpoint's slow weights (``outer/``, full-shape DCP tensors, whatever S wrote them) are
+read in this one process, loaded into a ``GPT`` of the checkpoint's model config and written as
+its ``state_dict()``: fp32, on the CPU, with the tied ``lm_head.weight`` stored as its own copy
+(safetensors refuses shared storage). Loading is one line::
+
+    GPT(GPTConfig(...)).load_state_dict(safetensors.torch.load_file("model.safetensors"))
+    GPT(GPTConfig(...)).load_state_dict(torch.load("model.pt"))
+
+The model config is also stored in the safetensors metadata (``diloco_model``, JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diloco.checkpoint import CHECKPOINTS, config_of, load_dcp, newest_checkpoint, read_meta
+from diloco.errors import CheckpointError, DilocoError
+
+__all__ = ["export", "load_theta"]
+
+_SUFFIXES = (".safetensors", ".pt")
+
+
+def export(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """Write θ of the newest checkpoint of ``run_dir`` (or of checkpoint ``run_dir``) to ``out``.
+
+    Returns ``{"checkpoint", "step", "params", "out"}``.
+
+    Raises:
+        DilocoError: unknown output suffix, or safetensors missing for ``.safetensors``.
+        CheckpointError: no (loadable) checkpoint.
+    """
+    out = Path(out)
+    if out.suffix not in _SUFFIXES:
+        raise DilocoError(f"--out {out}: the file name must end in .safetensors or .pt")
+    if out.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise DilocoError(
+                "writing .safetensors needs the safetensors package (pip install safetensors); "
+                "or use --out model.pt"
+            ) from None
+    ckpt, meta = _find(Path(run_dir))
+    state = gpt_state_dict(ckpt, meta)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".safetensors":
+            cfg = config_of(meta)
+            info = {"diloco_model": json.dumps(dataclasses.asdict(cfg.model))}
+            info["diloco_step"] = str(meta["step"])
+            save_file(state, str(tmp), metadata=info)
+        else:
+            torch.save(state, tmp)
+        tmp.replace(out)
+    except OSError as e:
+        raise DilocoError(f"cannot write {out}: {e.strerror or e}") from None
+    params = sum(t.numel() for k, t in state.items() if k != "lm_head.weight")
+    return {"checkpoint": str(ckpt), "step": meta["step"], "params": params, "out": str(out)}
+
+
+def _find(path: Path) -> tuple[Path, dict[str, Any]]:
+    if (path / "meta.json").exists():
+        return path, read_meta(path)
+    if not path.is_dir():
+        raise CheckpointError(f"run directory {path} does not exist")
+    found = newest_checkpoint(path, announce=True)
+    if found is None:
+        raise CheckpointError(
+            f"{path} holds no checkpoint ({path / CHECKPOINTS} is empty or missing); "
+            "train with train.checkpoint_every > 0"
+        )
+    return found
+
+
+def load_theta(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """θ of checkpoint ``ckpt`` as full tensors ``{fqn: tensor}`` (one process, no group)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    # outer.method=none has no θ: the weights are the model's, saved with group 0.
+    part, prefix = ("group0", "model.") if meta.get("method") == "none" else ("outer", "slow.")
+    path = ckpt / part
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a missing or corrupt .metadata file, whatever DCP raises for it
+        text = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {text}") from None
+    theta = {
+        key[len(prefix) :]: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and hasattr(md, "size")
+    }
+    load_dcp({prefix[:-1]: theta}, path)
+    return theta
+
+
+def gpt_state_dict(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A ``GPT.state_dict()`` holding θ of checkpoint ``ckpt``; no tensors share storage."""
+    from diloco.models import GPT, GPTConfig
+
+    cfg = config_of(meta)
+    model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
+    missing, unexpected = model.load_state_dict(load_theta(ckpt, meta), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not fit its own model config "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}

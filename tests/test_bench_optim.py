@@ -1,0 +1,128 @@
+"""``diloco bench optim``: the compute-factor arithmetic on synthetic curves, and a tiny --quick run.
+
+Compute factor = x the baseline needs to reach its own final val loss ÷ x the method needs to
+reach that loss, where "reach" is the first crossing of the eval curve, interpolated linearly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from diloco.bench.compute_factor import (
+    compute_factor,
+    factor_bound,
+    format_factor,
+    mean_curve,
+    reach_point,
+)
+from diloco.cli import main
+
+# Baseline: loss 5 - 0.003 x, evaluated every 100; final loss 2.0 at x = 1000.
+BASELINE = [(x, 5 - 0.003 * x) for x in range(0, 1001, 100)]
+
+
+def test_baseline_against_itself_is_one():
+    assert compute_factor(BASELINE, BASELINE) == pytest.approx(1.0)
+
+
+def test_monotone_faster_method_on_an_eval_point():
+    method = [(x, max(5 - 0.006 * x, 1.5)) for x in range(0, 1001, 100)]  # 2.0 at x = 500
+    assert reach_point(method, 2.0) == pytest.approx(500)
+    assert compute_factor(BASELINE, method) == pytest.approx(2.0)
+
+
+def test_target_between_eval_points_is_interpolated_linearly():
+    method = [(x, 5 - 0.004 * x) for x in range(0, 1001, 100)]  # 2.2 at 700, 1.8 at 800
+    assert reach_point(method, 2.0) == pytest.approx(750)
+    assert compute_factor(BASELINE, method) == pytest.approx(1000 / 750)
+
+
+def test_slower_start_then_crossing():
+    method = [(0, 5.0), (300, 4.5), (600, 3.0), (900, 1.9), (1000, 1.8)]
+    crossing = 600 + (3.0 - 2.0) / (3.0 - 1.9) * 300  # 872.7
+    assert compute_factor(BASELINE, method) == pytest.approx(1000 / crossing)
+
+
+def test_first_crossing_counts_even_if_the_curve_rebounds():
+    method = [(0, 5.0), (400, 1.9), (800, 2.5), (1000, 2.4)]
+    crossing = (5.0 - 2.0) / (5.0 - 1.9) * 400
+    assert compute_factor(BASELINE, method) == pytest.approx(1000 / crossing)
+
+
+def test_slower_method_that_gets_there_has_factor_below_one():
+    method = [(x, 5 - 0.0015 * x) for x in range(0, 2001, 200)]  # 2.0 at x = 2000
+    assert compute_factor(BASELINE, method) == pytest.approx(0.5)
+
+
+def test_never_reached_has_no_factor_and_an_upper_bound():
+    method = [(0, 5.0), (500, 3.0), (1000, 2.5)]
+    assert reach_point(method, 2.0) is None
+    assert compute_factor(BASELINE, method) is None
+    assert factor_bound(BASELINE, method) == pytest.approx(1.0)
+    assert format_factor(None, 1.0) == "<1.00x (not reached)"
+
+
+def test_noisy_baseline_reaches_its_final_loss_before_the_end():
+    baseline = [(0, 5.0), (500, 1.9), (1000, 2.0)]
+    reached = (5.0 - 2.0) / (5.0 - 1.9) * 500  # 483.9, not 1000
+    assert reach_point(baseline, 2.0) == pytest.approx(reached)
+    assert compute_factor(baseline, baseline) == pytest.approx(1.0)
+    method = [(0, 5.0), (250, 2.0), (1000, 1.5)]
+    assert compute_factor(baseline, method) == pytest.approx(reached / 250)
+
+
+def test_tokens_as_x_compare_different_batch_sizes():
+    # A 2x-batch run logs twice the tokens per step: equal steps are not equal tokens.
+    base_tokens = [(s * 1024, 5 - 0.003 * s) for s in range(0, 1001, 100)]
+    double = [(s * 2048, 5 - 0.004 * s) for s in range(0, 1001, 100)]  # 2.0 at step 750
+    assert compute_factor(base_tokens, double) == pytest.approx(1000 / (750 * 2))
+
+
+def test_diverged_points_never_reach_the_target():
+    assert reach_point([(0, 5.0), (100, math.nan), (200, math.nan)], 2.0) is None
+    assert compute_factor(BASELINE, [(0, math.nan), (1000, math.nan)]) is None
+    # after a non-finite point there is nothing to interpolate from: the eval point itself
+    assert reach_point([(0, 5.0), (100, math.nan), (200, 1.0)], 2.0) == 200
+
+
+def test_format_factor():
+    assert format_factor(1.2345) == "1.23x"
+    assert format_factor(None) == "n/a"
+
+
+def test_mean_curve_over_seeds_keeps_common_points():
+    a = [(0, 4.0), (100, 3.0), (200, 2.0)]
+    b = [(0, 6.0), (100, 3.5), (200, 2.5), (300, 2.0)]
+    assert mean_curve([a, b]) == [(0, 5.0), (100, 3.25), (200, 2.25)]
+
+
+def test_quick_writes_three_outputs_and_reuses_its_cache(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "optim", "--quick", "--tiny-test", "--out", str(out)]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    for name in ("results.json", "results.md", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["executed"] == len(results["runs"]) > 0
+    methods = {row["method"] for row in results["table"]}
+    expected = {
+        "adamw", "muon", "snoo_adamw", "snoo_muon",
+        "ema1_adamw", "ema1_muon", "ema8_adamw", "adamw_2x",
+    }  # fmt: skip
+    assert methods == expected  # diloco_g2 (torchrun) is left out of --tiny-test
+    assert {row["steps"] for row in results["table"]} == {10, 20}  # two horizons
+    adamw = [row for row in results["table"] if row["method"] == "adamw"]
+    assert all(row["vs AdamW"]["factor"] == pytest.approx(1.0) for row in adamw)
+    table = (out / "results.md").read_text()
+    assert "| SNOO (Muon) |" in table and "CF vs AdamW" in table
+    assert "CF vs AdamW" in first  # the table is printed
+
+    assert main(args) == 0  # second invocation: everything from the cache
+    again = json.loads((out / "results.json").read_text())
+    assert again["meta"]["executed"] == 0
+    assert again["meta"]["reused"] == len(results["runs"])
+    assert again["table"] == results["table"]

@@ -1,0 +1,148 @@
+"""Specification of checkpoints across processes: G=2 groups × S=2 FSDP2 shards under torchrun.
+
+* a rank SIGKILLed mid-run under ``torchrun --max-restarts 1`` makes the job restart, resume
+  from the newest checkpoint on its own and write the same ``metrics.jsonl`` as an uninterrupted
+  run (so the same final val loss) — resume-equality with sharded, per-group state;
+* a checkpoint written at S=2 resumes at S=1 (DCP resharding) and follows the S=2 run's losses;
+* a checkpoint written at G=2 resumes at G=1 with a warning saying what happens to the groups.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diloco import faults
+from diloco.config import load_config
+from diloco.metrics import read_metrics
+from diloco.train import train
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, K = 24, 4
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(p.read_text() for p in sorted((REPO / "diloco").rglob("*.py"))))
+    return path
+
+
+def tiny(corpus: Path, out_dir: Path, groups: int, shards: int, *extra: str) -> list[str]:
+    return [
+        f"data.source=text:{corpus}",
+        "model.n_layer=2",
+        "model.n_embd=32",
+        "model.n_head=2",
+        "model.block_size=32",
+        "data.batch_size=8",
+        f"train.steps={STEPS}",
+        f"outer.sync_every={K}",
+        "outer.momentum=0.9",
+        "inner.warmup_steps=4",
+        "train.eval_every=8",
+        "train.eval_batches=2",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+        "run.device=cpu",
+        "run.progress=false",
+        "topology.backend=gloo",
+        "topology.mixed_precision=fp32",
+        f"topology.groups={groups}",
+        f"topology.shards={shards}",
+        f"run.out_dir={out_dir}",
+        *extra,
+    ]
+
+
+def torchrun(
+    overrides: list[str], nproc: int, *args: str, env: dict | None = None, restarts: int = 0
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone`` (c10d rendezvous: restarts work on gloo, NOTES.md)."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        str(restarts),
+        "-m",
+        "diloco",
+        "train",
+        *sets,
+        *args,
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def same_fields(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl without its timings (the keys ending in ``_s``)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in read_metrics(path)]
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory) -> Path:
+    """An uninterrupted 2×2 run; checkpoints at steps 16 and 24 kept."""
+    out = tmp_path_factory.mktemp("baseline")
+    torchrun(tiny(corpus, out, 2, 2), 4)
+    return out
+
+
+def test_sigkill_of_one_rank_restarts_resumes_and_matches(corpus, baseline, tmp_path):
+    out = tmp_path / "killed"
+    proc = torchrun(
+        tiny(corpus, out, 2, 2),
+        4,
+        restarts=1,
+        env={faults.KILL_AT_STEP: "14", faults.KILL_RANK: "3"},
+    )
+    assert "diloco: resumed from" in proc.stderr and "step_8" in proc.stderr
+    assert same_fields(out / "metrics.jsonl") == same_fields(baseline / "metrics.jsonl")
+
+
+def test_resume_at_fewer_shards_reshards(corpus, baseline, tmp_path):
+    out = tmp_path / "s1"
+    ckpt = baseline / "checkpoints" / "step_16"
+    proc = torchrun(tiny(corpus, out, 2, 1), 2, "--resume", str(ckpt))
+    assert "resharding checkpoint" in proc.stderr and "from 2 to 1 shards" in proc.stderr
+    ref = {r["step"]: r for r in read_metrics(baseline / "metrics.jsonl")}
+    got = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(18, STEPS + 1, 2))
+    for r in got:  # same maths, only the reduction order differs
+        assert r["loss"] == pytest.approx(ref[r["step"]]["loss"], abs=1e-4)
+        if "val_loss" in r:
+            assert r["val_loss"] == pytest.approx(ref[r["step"]]["val_loss"], abs=1e-4)
+
+
+def test_resume_with_fewer_groups_warns_how(corpus, baseline, tmp_path, capsys):
+    out = tmp_path / "g1"
+    cfg = load_config(None, tiny(corpus, out, 1, 1))
+    summary = train(cfg, resume=str(baseline / "checkpoints" / "step_16"))
+    err = capsys.readouterr().err
+    assert (
+        "diloco: warning: checkpoint " in err
+        and "has 2 groups, this run has 1: the inner states and data positions of groups 1..1 "
+        "are dropped; RNG streams are re-seeded"
+        in err
+    )
+    assert summary["steps"] == STEPS
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][0] == 18

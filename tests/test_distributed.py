@@ -1,0 +1,409 @@
+"""Specification of distributed DiLoCo: G worker groups × S FSDP2 shards under torchrun (gloo).
+
+Every test here runs real processes (``python -m torch.distributed.run``) on the CPU. The
+reference for G groups is written in this file from DESIGN.md §1, independently of the wrapper,
+reducer and training loop: the groups' inner loops run one after the other in one process, each
+with its own inner AdamW state and its own data stream, and their pseudo-gradients are averaged
+before the outer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from diloco.config import load_config
+from diloco.data import BatchStream, eval_batches, load_corpus
+from diloco.inner import build_inner_optimizer, build_scheduler
+from diloco.metrics import read_metrics
+from diloco.train import build_model, train
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, K = 24, 4
+TINY = [
+    "model.n_layer=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "data.batch_size=8",
+    f"train.steps={STEPS}",
+    f"outer.sync_every={K}",
+    "train.eval_batches=2",
+    "train.eval_every=10",  # mid-round evaluations: θ is swapped into sharded fast weights
+    "train.log_every=4",
+    "train.check_every=2",
+    "inner.warmup_steps=4",
+    "run.device=cpu",
+    "run.progress=false",
+    "topology.backend=gloo",
+    "topology.mixed_precision=fp32",
+]
+# The EMA-Nesterov run also keeps θ and m in host memory (outer.offload=cpu), so the staging copy
+# through which the reducer sees the pseudo-gradient is covered on the sharded path too.
+EMA = ["outer.method=ema_nesterov", "outer.lr=0.9", "outer.offload=cpu"]
+LAUNCH_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    """One thread per rank (NOTES.md), a private rendezvous store, this checkout importable."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def torchrun(
+    out_dir: Path, nproc: int, overrides: list[str], timeout: float = LAUNCH_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc -m diloco train --set …`` with one thread per rank."""
+    sets = [a for o in [*TINY, f"run.out_dir={out_dir}", *overrides] for a in ("--set", o)]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "-m", "diloco", "train", *sets,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# The torchrun jobs the tests compare: name -> (processes, overrides).
+LAUNCHES = {
+    "g2s2": (4, ["topology.groups=2", "topology.shards=2"]),
+    "g2s2_ema": (4, ["topology.groups=2", "topology.shards=2", *EMA]),
+    "g2s1": (2, ["topology.groups=2"]),
+    "g1s2": (2, ["topology.shards=2"]),
+    "g1s1": (1, []),
+}
+
+
+class Runs:
+    """Starts every job of LAUNCHES (a few at a time) and hands back their run directories.
+
+    The jobs spend much of their time importing torch and waiting on each other, so running
+    some side by side shortens the module's wall time; their results do not depend on timing.
+    """
+
+    def __init__(self, root: Path, pool: ThreadPoolExecutor):
+        self.root = root
+        self._done: dict[str, Path] = {}
+        self._jobs = {name: pool.submit(self._launch, name, *job) for name, job in LAUNCHES.items()}
+
+    def _launch(self, name: str, nproc: int, overrides: list[str]) -> Path:
+        result = torchrun(self.root / name, nproc, overrides)
+        assert result.returncode == 0, f"{name} failed:\n{result.stderr[-4000:]}"
+        return self.root / name
+
+    def get(self, name: str) -> Path:
+        return self._jobs[name].result()
+
+    def single_process(self, name: str, overrides: list[str]) -> Path:
+        """The plain single-process SNOO job (no process group), in this process, one thread."""
+        if name not in self._done:
+            out = self.root / name
+            threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = "1"
+            torch.set_num_threads(1)
+            try:
+                train(load_config(None, [*TINY, f"run.out_dir={out}", *overrides]))
+            finally:
+                torch.set_num_threads(threads)
+                if omp is None:
+                    del os.environ["OMP_NUM_THREADS"]
+                else:
+                    os.environ["OMP_NUM_THREADS"] = omp
+            self._done[name] = out
+        return self._done[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Iterator[Runs]:
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        yield Runs(tmp_path_factory.mktemp("dist"), pool)
+
+
+def final_theta(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "final_model.pt", map_location="cpu")
+
+
+def curves(run: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """(train loss by step, val loss by step) from metrics.jsonl."""
+    records = read_metrics(run / "metrics.jsonl")
+    loss = {r["step"]: r["loss"] for r in records if "loss" in r}
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    return loss, val
+
+
+def assert_runs_match(a: Path, b: Path, atol: float, rtol: float = 0.0) -> None:
+    loss_a, val_a = curves(a)
+    loss_b, val_b = curves(b)
+    assert loss_a.keys() == loss_b.keys() and val_a.keys() == val_b.keys()
+    for step in loss_a:
+        assert math.isclose(loss_a[step], loss_b[step], rel_tol=rtol, abs_tol=atol), step
+    for step in val_a:
+        assert math.isclose(val_a[step], val_b[step], rel_tol=rtol, abs_tol=atol), step
+    theta_a, theta_b = final_theta(a), final_theta(b)
+    assert theta_a.keys() == theta_b.keys()
+    for k in theta_a:
+        torch.testing.assert_close(theta_a[k], theta_b[k], atol=atol, rtol=rtol, msg=k)
+
+
+# --------------------------------------------------------------------------------------------
+# reference: G groups in one process, straight from DESIGN.md §1
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def reference(groups: int, overrides: list[str] = ()) -> dict:
+    """Losses, val losses, per-round stats and final θ of DiLoCo with ``groups`` groups."""
+    cfg = load_config(None, [*TINY, *overrides])
+    i, o, T, B = cfg.inner, cfg.outer, cfg.model.block_size, cfg.data.batch_size
+    corpus = load_corpus(cfg.data.source, T)
+    init = build_model(cfg, corpus.vocab_size)
+    names = [n for n, _ in init.named_parameters()]
+    theta = [p.detach().clone() for p in init.parameters()]
+    start = [t.clone() for t in theta]  # s_t
+    buf = [torch.zeros_like(t) for t in theta]  # b (nesterov) or m (ema_nesterov)
+    models = [copy.deepcopy(init) for _ in range(groups)]
+    inner = [
+        build_inner_optimizer(
+            m, i.optimizer, lr=i.lr, weight_decay=i.weight_decay, betas=i.betas, eps=i.eps
+        )
+        for m in models
+    ]
+    schedules = [
+        build_scheduler(opt, STEPS, warmup_steps=i.warmup_steps, schedule=i.schedule,
+                        min_lr_ratio=i.min_lr_ratio, decay_frac=i.decay_frac)
+        for opt in inner
+    ]  # fmt: skip
+    streams = [BatchStream(corpus.train, B, T, cfg.run.seed, stream=g) for g in range(groups)]
+    val_batches = eval_batches(corpus.val, B, T, cfg.train.eval_batches)
+    evaluator = copy.deepcopy(init).eval()
+
+    @torch.no_grad()
+    def val_loss(weights: list[torch.Tensor]) -> float:
+        for p, w in zip(evaluator.parameters(), weights, strict=True):
+            p.copy_(w)
+        return sum(float(evaluator(x, y)[1]) for x, y in val_batches) / len(val_batches)
+
+    out: dict = {"loss": {}, "val": {0: val_loss(theta)}, "rounds": {}}
+    warmup, rest = int(o.ema_warmup * STEPS), int(o.ema_rest * STEPS)
+    for step in range(1, STEPS + 1):
+        losses = []
+        for g in range(groups):
+            x, y = streams[g].next()
+            _, loss = models[g](x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(models[g].parameters(), i.grad_clip)
+            inner[g].step()
+            inner[g].zero_grad()
+            losses.append(float(loss.detach()))
+        out["loss"][step] = sum(losses) / groups
+        if step % K == 0 or step == STEPS:
+            with torch.no_grad():
+                # Δ_g = s − φ_g;  Δ = mean_g Δ_g
+                deltas = [[s - p for s, p in zip(start, m.parameters(), strict=True)]
+                          for m in models]  # fmt: skip
+                delta = [sum(d[j] for d in deltas) / groups for j in range(len(theta))]
+                flat = [torch.cat([t.flatten() for t in d]).double() for d in deltas]
+                mean = torch.cat([t.flatten() for t in delta]).double()
+                out["rounds"][step] = {
+                    "pseudo_grad_norm": float(mean.norm()),
+                    "group_cosine": sum(cosine(f, mean) for f in flat) / groups,
+                    "pairwise_cosine": cosine(flat[0], flat[-1]),
+                }
+                if o.method == "nesterov":  # b ← μb + Δ;  θ ← θ − η(Δ + μb);  s = θ
+                    buf = [o.momentum * b + d for b, d in zip(buf, delta, strict=True)]
+                    theta = [t - o.lr * (d + o.momentum * b)
+                             for t, d, b in zip(theta, delta, buf, strict=True)]  # fmt: skip
+                    start = [t.clone() for t in theta]
+                else:  # θ' = s − ηΔ;  m ← γm + (1−γ)(θ' − θ);  s' = θ' + β'm
+                    new = [s - o.lr * d for s, d in zip(start, delta, strict=True)]
+                    buf = [o.ema_gamma * m + (1 - o.ema_gamma) * (n - t)
+                           for m, n, t in zip(buf, new, theta, strict=True)]  # fmt: skip
+                    theta = new
+                    group0 = inner[0].param_groups[0]
+                    beta = o.ema_beta * group0["lr"] / group0["initial_lr"]
+                    if step < warmup or step >= STEPS - rest:
+                        beta = 0.0
+                    start = [t + beta * m for t, m in zip(theta, buf, strict=True)]
+                for m in models:
+                    for p, s in zip(m.parameters(), start, strict=True):
+                        p.copy_(s)
+        for sched in schedules:
+            sched.step()
+        if step % cfg.train.eval_every == 0 or step == STEPS:
+            out["val"][step] = val_loss(theta)
+    out["theta"] = dict(zip(names, theta, strict=True))
+    return out
+
+
+def assert_matches_reference(run: Path, ref: dict, atol: float) -> None:
+    loss, val = curves(run)
+    for step, value in loss.items():
+        assert math.isclose(value, ref["loss"][step], abs_tol=atol), (step, value)
+    for step, value in val.items():
+        assert math.isclose(value, ref["val"][step], abs_tol=atol), (step, value)
+    assert set(val) == {0, 10, 20, STEPS}
+    theta = final_theta(run)
+    for name, t in ref["theta"].items():
+        torch.testing.assert_close(theta[name], t, atol=atol, rtol=0, msg=name)
+    for record in read_metrics(run / "metrics.jsonl"):
+        if "pseudo_grad_norm" in record:
+            expect = ref["rounds"][record["step"]]
+            for key in ("pseudo_grad_norm", "group_cosine", "pairwise_cosine"):
+                assert math.isclose(record[key], expect[key], rel_tol=1e-4), (key, record["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# the specification
+
+
+def test_sharded_groups_equal_unsharded_groups(runs):
+    """G=2 × S=2 (FSDP2, each group batch split over 2 ranks) == G=2 × S=1 (same group batch)."""
+    assert_runs_match(runs.get("g2s2"), runs.get("g2s1"), atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_one_group_under_torchrun_equals_single_process_snoo(runs, shards):
+    single = runs.single_process("snoo", [])
+    assert_runs_match(runs.get(f"g1s{shards}"), single, atol=1e-6 if shards > 1 else 0.0)
+
+
+@pytest.mark.parametrize(
+    "run, method", [("g2s2", []), ("g2s2_ema", EMA)], ids=["nesterov", "ema_nesterov"]
+)
+def test_two_sharded_groups_equal_the_reference(runs, run, method):
+    """G=2 × S=2 equals two groups' inner loops run one after the other, Δ averaged (§1)."""
+    assert_matches_reference(runs.get(run), reference(2, method), atol=1e-5)
+
+
+def test_round_metrics_report_traffic_and_agreement(runs):
+    """bytes_sent = 2(G−1)/G · (rank 0's shard of θ) · 4; θ checksums logged; G=1 sends nothing."""
+    records = read_metrics(runs.get("g2s2") / "metrics.jsonl")
+    theta = final_theta(runs.get("g2s2"))
+    del theta["lm_head.weight"]  # tied to wte.weight: one parameter
+    shard0 = sum(math.ceil(t.shape[0] / 2) * t[0].numel() for t in theta.values())
+    rounds = [r for r in records if "pseudo_grad_norm" in r]
+    assert len(rounds) == STEPS // K
+    for r in rounds:
+        assert r["bytes_sent"] == 2 * (2 - 1) / 2 * shard0 * 4
+        assert r["buckets"] == 1
+        assert -1 <= r["pairwise_cosine"] <= r["group_cosine"] <= 1
+        assert r["reduce_s"] >= 0 and r["outer_s"] >= 0
+    assert "theta_sumsq" in records[0]  # checked before the first step
+    assert sum("theta_sumsq" in r for r in records) == 1 + STEPS // K // 2  # check_every=2
+    summary = json.loads((runs.get("g2s2") / "summary.json").read_text())
+    assert (summary["groups"], summary["shards"]) == (2, 2)
+    one_group = read_metrics(runs.get("g1s2") / "metrics.jsonl")
+    assert not any("bytes_sent" in r or "theta_sumsq" in r for r in one_group)
+
+
+@pytest.mark.parametrize(
+    "nproc, overrides, message",
+    [
+        (3, ["topology.groups=2", "topology.shards=2"], "world size 3 != topology.groups"),
+        (2, ["topology.shards=2", "data.batch_size=7"], "data.batch_size (7) must be divisible"),
+    ],
+    ids=["world_not_G_times_S", "batch_not_divisible_by_S"],
+)
+def test_bad_topology_fails_on_every_rank_with_one_line(tmp_path, nproc, overrides, message):
+    result = torchrun(tmp_path / "bad", nproc, overrides, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("diloco: error:")]
+    assert len(errors) == nproc, result.stderr[-3000:]
+    assert all(message in line for line in errors), errors
+
+
+REDUCER_CHECKS = textwrap.dedent(
+    """
+    # Run by torchrun with 2 ranks: checks of MeshReducer and Runtime on a (2, 1) mesh.
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from diloco.config import TopologyConfig
+    from diloco.errors import TopologyError
+    from diloco.reduce import MeshReducer
+    from diloco.topology import init_runtime
+
+    rt = init_runtime(TopologyConfig(groups=2, shards=1, backend="gloo"), "cpu")
+    g = rt.group
+    torch.manual_seed(0)
+    base = [torch.randn(5, 3), torch.randn(7), torch.randn(40)]  # identical on both ranks
+    own = [t * (1 + g) + g * torch.roll(t, 1) for t in base]  # this group's Δ_g
+    reducer = MeshReducer(rt.mesh, bucket_mb=30 * 4 / 2**20)  # buckets of <= 30 floats
+    tensors = [t.clone() for t in own]
+    stats = reducer.average(tensors)
+    out = {"avg": [t.tolist() for t in tensors], "stats": stats, "mean": rt.mean(float(g))}
+    out["agree"] = rt.check_groups_agree(base)
+    try:
+        rt.check_groups_agree(own)
+    except TopologyError as e:
+        out["mismatch"] = str(e)
+
+    # A (1, 2) mesh: one group, two shards: average sends nothing, sum_over_shards sums.
+    calls = []
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: calls.append(1) or all_reduce(*a, **k)
+    snoo = MeshReducer(init_device_mesh("cpu", (1, 2), mesh_dim_names=("group", "shard")))
+    out["snoo_stats"] = snoo.average([t.clone() for t in own])
+    out["snoo_calls"] = len(calls)
+    out["shard_sum"] = float(snoo.sum_over_shards(torch.tensor(1.0 + g, dtype=torch.float64)))
+    out["shard_calls"] = len(calls)
+    json.dump(out, open(f"{sys.argv[1]}/rank{dist.get_rank()}.json", "w"))
+    rt.close()
+    """
+)
+
+
+def test_mesh_reducer_averages_buckets_and_reports_exact_stats(tmp_path):
+    script = tmp_path / "reducer_checks.py"
+    script.write_text(REDUCER_CHECKS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), str(script), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    torch.manual_seed(0)
+    base = [torch.randn(5, 3), torch.randn(7), torch.randn(40)]
+    own = [[t * (1 + g) + g * torch.roll(t, 1) for t in base] for g in (0, 1)]
+    mean = [(a + b) / 2 for a, b in zip(*own, strict=True)]
+    flat = [torch.cat([t.flatten() for t in d]).double() for d in own]
+    flat_mean = torch.cat([t.flatten() for t in mean]).double()
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for got, want in zip(out["avg"], mean, strict=True):
+            torch.testing.assert_close(torch.tensor(got), want)
+        stats = out["stats"]
+        assert stats["bytes_sent"] == 2 * (2 - 1) / 2 * 62 * 4  # 62 floats, ring all-reduce
+        assert stats["buckets"] == 2  # [15 + 7], [40]
+        group_cosine = (cosine(flat[0], flat_mean) + cosine(flat[1], flat_mean)) / 2
+        assert math.isclose(stats["group_cosine"], group_cosine, rel_tol=1e-6)
+        assert math.isclose(stats["pairwise_cosine"], cosine(flat[0], flat[1]), rel_tol=1e-5)
+        assert out["mean"] == 0.5
+        total = sum(float(t.double().sum()) for t in base)
+        assert all(math.isclose(s, total, rel_tol=1e-9) for s, _ in out["agree"])
+        assert out["mismatch"].startswith("group 1 weights differ from group 0's")
+        assert out["snoo_stats"] == {} and out["snoo_calls"] == 0
+        assert out["shard_sum"] == 3.0 and out["shard_calls"] == 1
