@@ -54,6 +54,7 @@ def plot_runs(runs: Sequence[Run], out: str | os.PathLike, title: str | None = N
         ax.set_ylabel("loss (nats/token)")
         ax.xaxis.set_major_formatter(eng_formatter(sep=""))
         ax.grid(True, alpha=0.3)
+        ax.set_xlim(left=0)
     _zoom_on_tail(val_ax, runs, "val_loss")
     _zoom_on_tail(train_ax, runs, "loss")
     val_ax.legend(fontsize="small")

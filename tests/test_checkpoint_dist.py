@@ -4,7 +4,9 @@
   from the newest checkpoint on its own and write the same ``metrics.jsonl`` as an uninterrupted
   run (so the same final val loss) — resume-equality with sharded, per-group state;
 * a checkpoint written at S=2 resumes at S=1 (DCP resharding) and follows the S=2 run's losses;
-* a checkpoint written at G=2 resumes at G=1 with a warning saying what happens to the groups.
+* a checkpoint written at G=2 resumes at G=1, one written at G=1 at G=2, each with a warning
+  saying what happens to the groups;
+* ``diloco export`` turns the sharded θ into one plain ``GPT`` state dict.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from diloco import faults
+from diloco.cli import main
 from diloco.config import load_config
+from diloco.data import eval_batches, load_corpus
 from diloco.metrics import read_metrics
-from diloco.train import train
+from diloco.models import GPT, GPTConfig
+from diloco.topology import Runtime
+from diloco.train import evaluate, train
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +154,31 @@ def test_resume_with_fewer_groups_warns_how(corpus, baseline, tmp_path, capsys):
     )
     assert summary["steps"] == STEPS
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][0] == 18
+
+
+def test_resume_with_more_groups_warns_how_new_groups_start(corpus, tmp_path, capsys):
+    one = tmp_path / "g1"
+    train(load_config(None, tiny(corpus, one, 1, 1, "train.steps=16")))
+    capsys.readouterr()
+    out = tmp_path / "g2"
+    proc = torchrun(tiny(corpus, out, 2, 1), 2, "--resume", str(one / "checkpoints" / "step_16"))
+    assert (
+        "has 1 groups, this run has 2: new groups 1..1 start from a copy of group (g mod 1)'s "
+        "inner optimiser state and fresh data streams" in proc.stderr
+    )
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][0] == 18
+
+
+def test_export_of_a_sharded_checkpoint_gives_the_final_val_loss(baseline, tmp_path):
+    path = tmp_path / "model.safetensors"
+    assert main(["export", str(baseline), "--out", str(path)]) == 0
+    cfg = load_config(baseline / "config.yaml")
+    model = GPT(GPTConfig(**vars(cfg.model)))
+    model.load_state_dict(load_file(path))
+    corpus = load_corpus(cfg.data.source, cfg.model.block_size)
+    val = eval_batches(
+        corpus.val, cfg.data.batch_size, cfg.model.block_size, cfg.train.eval_batches
+    )
+    final = read_metrics(baseline / "metrics.jsonl")[-1]["val_loss"]
+    loss = evaluate(model, val, Runtime(device=torch.device("cpu")))
+    assert loss == pytest.approx(final, abs=1e-6)  # the run averaged 2 shards' means

@@ -52,13 +52,13 @@ def compose_services() -> dict[str, dict]:
     return yaml.safe_load(COMPOSE.read_text())["services"]
 
 
-def service_script(service: dict) -> str:
-    """The shell script a service runs (the argument of ``bash -c``)."""
+def service_words(service: dict) -> list[str]:
+    """A service's command as words (a ``bash -c`` script is split too)."""
     command = service["command"]
-    if isinstance(command, str):
-        command = shlex.split(command)
-    assert command[:2] == ["bash", "-c"], "run the node through bash -c '. launch/env.sh && ...'"
-    return command[2]
+    words = shlex.split(command) if isinstance(command, str) else list(command)
+    if words[:2] == ["bash", "-c"]:
+        words = words[:2] + shlex.split(words[2])
+    return words
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
@@ -109,7 +109,8 @@ def test_build_context_leaves_out_outputs_and_git():
 
 
 def test_shell_scripts_parse():
-    for script in (INSTALL_SH, ROOT / ".ci" / "lint_docker.sh", *sorted(ROOT.glob("launch/*.sh"))):
+    launchers = sorted((ROOT / "launch").iterdir())
+    for script in (INSTALL_SH, ROOT / ".ci" / "lint_docker.sh", *launchers):
         subprocess.run(["bash", "-n", str(script)], check=True)
 
 
@@ -137,63 +138,76 @@ def test_compose_starts_two_torchrun_nodes_with_c10d_rendezvous():
     services = compose_services()
     assert len(services) == 2
     for name, service in services.items():
-        words = shlex.split(service_script(service))
-        assert "torchrun" in words, name
-        assert " ".join(words).count("--nnodes 2 ") == 1, name
-        assert "--rdzv-backend c10d" in " ".join(words), name
+        words = service_words(service)
+        line = " ".join(words)
+        assert "torchrun" in line, name
+        assert re.search(r"--nnodes[ =]2\b", line), name
+        assert re.search(r"--rdzv-backend[ =]c10d\b", line), name
         endpoint = words[words.index("--rdzv-endpoint") + 1]
         assert endpoint.split(":")[0] in services, f"{name}: endpoint {endpoint} is not a service"
         assert "topology.groups=2" in words and "topology.shards=1" in words, name
         assert service["build"]["dockerfile"] == "docker/Dockerfile"
 
 
-def test_compose_nodes_source_the_shared_env_before_torchrun():
+def test_compose_nodes_get_the_shared_env_before_torchrun():
+    """Through launch/torchrun.sh (which sources env.sh, tested below) or by sourcing env.sh."""
     for name, service in compose_services().items():
-        script = service_script(service)
-        match = re.search(r"(?:^|&&|;)\s*(?:\.|source) launch/env\.sh\b", script)
-        assert match and match.start() < script.index("torchrun"), name
+        line = " ".join(service_words(service))
+        via_launcher = re.match(r"(bash )?(\./)?launch/torchrun\.sh ", line)
+        sourced = re.match(r"bash -c (\.|source) launch/env\.sh && .*torchrun", line)
+        assert via_launcher or sourced, f"{name}: {line}"
+        assert service["environment"]["DILOCO_PROCS_PER_HOST"] == "2", "two nodes share a host"
 
 
 # --- launch/env.sh: the one place for environment defaults ---------------------------------------
 
 
 def _env_after_sourcing(**preset: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NPROC_PER_NODE")}
+    cleared = ("OMP_NUM_THREADS", "NPROC_PER_NODE", "DILOCO_PROCS_PER_HOST")
+    env = {k: v for k, v in os.environ.items() if k not in cleared}
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     env.update(preset)
     out = subprocess.run(
-        ["bash", "-c", f". {shlex.quote(str(ENV_SH))} && env -0"],
+        ["sh", "-c", f". {shlex.quote(str(ENV_SH))} && env"],
         env=env,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def test_env_sets_threads_and_the_gloo_restart_workaround():
-    env = _env_after_sourcing()
-    assert int(env["OMP_NUM_THREADS"]) >= 1
-    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+def test_env_sets_the_gloo_restart_workaround():
+    assert _env_after_sourcing()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
-def test_env_splits_the_cores_between_processes_on_one_host():
-    cores = os.cpu_count() or 1
-    env = _env_after_sourcing(DILOCO_PROCS_PER_HOST=str(cores * 2))
-    assert env["OMP_NUM_THREADS"] == "1"
+def test_env_splits_the_cores_between_the_processes_of_a_node():
+    cores = len(os.sched_getaffinity(0))  # what nproc counts
+    assert _env_after_sourcing(NPROC_PER_NODE="1")["OMP_NUM_THREADS"] == str(cores)
+    assert _env_after_sourcing(NPROC_PER_NODE=str(cores * 2))["OMP_NUM_THREADS"] == "1"
+    shared = _env_after_sourcing(NPROC_PER_NODE="1", DILOCO_PROCS_PER_HOST=str(cores * 2))
+    assert shared["OMP_NUM_THREADS"] == "1"
+
+
+def test_env_leaves_threads_to_torchrun_when_the_process_count_is_unknown():
+    assert "OMP_NUM_THREADS" not in _env_after_sourcing()
 
 
 def test_env_keeps_values_the_user_already_set():
-    env = _env_after_sourcing(OMP_NUM_THREADS="3", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0")
+    env = _env_after_sourcing(
+        OMP_NUM_THREADS="3", NPROC_PER_NODE="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0"
+    )
     assert env["OMP_NUM_THREADS"] == "3"
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"
 
 
-@pytest.mark.parametrize(
-    "script", sorted(p.name for p in ROOT.glob("launch/*.sh") if p.name != "env.sh")
-)
-def test_launch_scripts_source_the_shared_env(script):
+LAUNCHERS = sorted(p.name for p in (ROOT / "launch").iterdir() if p.name != "env.sh")
+
+
+@pytest.mark.parametrize("script", LAUNCHERS)
+def test_launch_scripts_apply_the_shared_env(script):
+    """Every launcher sources launch/env.sh, or starts through launch/torchrun.sh which does."""
     text = (ROOT / "launch" / script).read_text()
-    assert re.search(r"^\s*(?:\.|source) .*env\.sh", text, re.MULTILINE), (
-        f"launch/{script} must source launch/env.sh before starting processes"
-    )
+    sources = re.search(r"^\s*(?:\.|source) .*env\.sh", text, re.MULTILINE)
+    via_torchrun_sh = script != "torchrun.sh" and "launch/torchrun.sh" in text
+    assert sources or via_torchrun_sh, f"launch/{script} must source launch/env.sh"
