@@ -472,6 +472,8 @@ class Checkpointer:
         rt, dl = self.runtime, self.dl
         saved_groups = meta["groups"]
         pg = self._shard_group()
+        # Settings come from this run's config (they may differ under --force), state from ckpt.
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in dl.inner.param_groups]
         error = ""
         group_state: dict[str, Any] = {}
         try:
@@ -505,6 +507,8 @@ class Checkpointer:
             sd["slow"] = dl.slow_tensors()
             sd["outer"] = outer_sd
         dl.load_state_dict(sd)  # also rebuilds the fast weights as the start point s
+        for group, own in zip(dl.inner.param_groups, settings, strict=True):
+            group.update(own)
         self._load_schedule(meta["scheduler"])
         if rt.group < saved_groups:
             self.stream.load_state_dict(_torch_load(ckpt / "extra" / f"group{rt.group}.pt"))
@@ -519,19 +523,25 @@ class Checkpointer:
         """Restore the LR schedule's position and set every group's LR from *this* schedule
         (so a run extended with more ``train.steps`` follows its new schedule at once)."""
         sch = self.scheduler
+        own = {k: getattr(sch, k) for k in ("base_lrs",) if hasattr(sch, k)}
         sch.load_state_dict(state)
+        sch.__dict__.update(own)  # peak LRs from this run's config
         inner = self.dl.inner
         lambdas = getattr(sch, "lr_lambdas", None)
         if lambdas is not None:
             for group, lam, base in zip(inner.param_groups, lambdas, sch.base_lrs, strict=True):
                 group["lr"] = base * lam(sch.last_epoch)
+            sch._last_lr = [group["lr"] for group in inner.param_groups]
 
     def _set_aside_newer(self, step: int) -> None:
         """Checkpoints of this run newer than the one resumed belong to an abandoned
         continuation: rename them ``step_<N>.abandoned`` so that ``auto`` never picks them."""
         newer = [p for p in list_checkpoints(self.root.parent) if int(p.name[5:]) > step]
         for p in newer:
-            p.rename(p.with_name(p.name + ".abandoned"))
+            aside = p.with_name(p.name + ".abandoned")
+            if aside.exists():
+                aside = p.with_name(f"{p.name}.abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+            p.rename(aside)
         if newer:
             names = ", ".join(p.name for p in newer)
             warn(

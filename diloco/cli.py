@@ -1,7 +1,7 @@
 """The ``diloco`` command line: ``diloco train [--config FILE] [--set section.key=value ...]``,
 ``diloco train … [--resume auto|never|PATH] [--force]``, ``diloco export RUN_DIR --out FILE``,
-``diloco plot RUN_DIR ... --out curves.png``, ``diloco summary RUN_DIR ... [--json]`` and
-``diloco bench optim [--quick] ...``.
+``diloco plot RUN_DIR ... --out curves.png``, ``diloco summary RUN_DIR ... [--json]``,
+``diloco bench optim [--quick] ...`` and ``diloco launch ray [--config FILE] [--address …]``.
 
 User errors (:class:`diloco.errors.DilocoError`) print one line, ``diloco: error: …``, and exit
 with status 2; anything else is a bug and keeps its traceback.
@@ -130,6 +130,20 @@ def _add_report_parsers(sub: argparse._SubParsersAction) -> None:
             p.set_defaults(func=_cmd_summary)
 
 
+def _add_launch_parser(sub: argparse._SubParsersAction) -> None:
+    """``launch ray``: the same job on G·S Ray workers (Ray is imported only when it runs)."""
+    from diloco.ray_launcher import add_arguments, run_from_args
+
+    p = sub.add_parser("launch", help="run diloco train under a launcher (ray)")
+    kinds = p.add_subparsers(dest="launcher", required=True)
+    p = kinds.add_parser(
+        "ray", help="Ray Train places and supervises the G·S workers; restarts from checkpoints"
+    )
+    _add_config_args(p)
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diloco",
@@ -157,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
     _add_report_parsers(sub)
     _add_bench_parser(sub)
+    _add_launch_parser(sub)
     return parser
 
 

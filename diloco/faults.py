@@ -12,6 +12,11 @@
 ``DILOCO_TEST_CRASH_BEFORE_RENAME=n``
     ``os._exit(1)`` on rank 0 once checkpoint ``step_n.tmp/`` is complete (meta.json written)
     but before it is renamed to ``step_n/``: a crash in the middle of a checkpoint write.
+``DILOCO_TEST_RAY_EXIT_AFTER_ROUND=n``
+    Under ``diloco launch ray``: ``os._exit(1)`` on rank ``DILOCO_TEST_KILL_RANK`` (default: the
+    last rank) right after the checkpoint that ends round n has been reported to Ray, on the
+    first attempt only (the launcher counts attempts in the run directory), so Ray's
+    ``FailureConfig(max_failures)`` restarts the job.
 """
 
 from __future__ import annotations
@@ -26,8 +31,17 @@ NAN_AT_STEP = "DILOCO_TEST_NAN_AT_STEP"
 KILL_AT_STEP = "DILOCO_TEST_KILL_AT_STEP"
 KILL_RANK = "DILOCO_TEST_KILL_RANK"
 CRASH_BEFORE_RENAME = "DILOCO_TEST_CRASH_BEFORE_RENAME"
+RAY_EXIT_AFTER_ROUND = "DILOCO_TEST_RAY_EXIT_AFTER_ROUND"
 
-__all__ = ["after_backward", "before_rename", "NAN_AT_STEP", "KILL_AT_STEP", "CRASH_BEFORE_RENAME"]
+__all__ = [
+    "after_backward",
+    "after_ray_checkpoint",
+    "before_rename",
+    "NAN_AT_STEP",
+    "KILL_AT_STEP",
+    "CRASH_BEFORE_RENAME",
+    "RAY_EXIT_AFTER_ROUND",
+]
 
 
 def _steps(name: str) -> set[int]:
@@ -51,4 +65,11 @@ def after_backward(step: int, dl: Any, rank: int, world: int) -> None:
 def before_rename(step: int) -> None:
     """Simulate a crash between writing checkpoint ``step`` and renaming it into place."""
     if step in _steps(CRASH_BEFORE_RENAME):
+        os._exit(1)
+
+
+def after_ray_checkpoint(round_: int, rank: int, world: int, attempt: int) -> None:
+    """Simulate a worker dying after the checkpoint of round ``round_`` was reported to Ray."""
+    victim = int(os.environ.get(KILL_RANK, world - 1))
+    if round_ in _steps(RAY_EXIT_AFTER_ROUND) and attempt == 0 and rank == victim:
         os._exit(1)

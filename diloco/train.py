@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,11 +189,15 @@ def _save_final_model(model: nn.Module, dl: DiLoCo, runtime: Runtime, path: Path
         tmp.replace(path)
 
 
-def _maybe_checkpoint(ckpt: Checkpointer, step: int, val_loss: float, pending: dict) -> None:
+def _maybe_checkpoint(
+    ckpt: Checkpointer, step: int, val_loss: float, pending: dict, on_checkpoint: OnCheckpoint
+) -> None:
     """At a checkpoint step (after its log line), save; the next record gets ``checkpoint_s``."""
     if ckpt.due(step):
         loop = {"val_loss": val_loss, "round_fields": dict(pending)}
         pending["checkpoint_s"] = ckpt.save(step, loop)
+        if on_checkpoint is not None:
+            on_checkpoint(ckpt.root / f"step_{step}")
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -207,20 +212,41 @@ def _prepare_out_dir(out_dir: Path) -> None:
         ) from None
 
 
-def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[str, Any]:
+#: Hooks for a launcher (Ray): called on every rank, in the same order, so they may hold a
+#: barrier. ``on_log(record)`` after each log step's record (rank 0's goes to metrics.jsonl);
+#: ``on_checkpoint(path)`` after checkpoint ``RUN_DIR/checkpoints/step_<N>`` is complete.
+OnLog = Callable[[dict[str, Any]], None] | None
+OnCheckpoint = Callable[[Path], None] | None
+
+
+def train(
+    cfg: Config,
+    resume: str | None = None,
+    force: bool = False,
+    on_log: OnLog = None,
+    on_checkpoint: OnCheckpoint = None,
+) -> dict[str, Any]:
     """Run the job described by ``cfg``; returns the summary (also written to summary.json).
 
     ``resume``/``force``: see :func:`diloco.checkpoint.plan_resume` (None: continue from the
     newest checkpoint in ``run.out_dir`` if there is one, as a restarted torchrun job must).
+    ``on_log``/``on_checkpoint``: see :data:`OnLog`, :data:`OnCheckpoint` (e.g. Ray reports).
     """
     runtime = init_runtime(cfg.topology, cfg.run.device)
     try:
-        return _train(cfg, runtime, resume, force)
+        return _train(cfg, runtime, resume, force, on_log, on_checkpoint)
     finally:
         runtime.close()
 
 
-def _train(cfg: Config, runtime: Runtime, resume: str | None, force: bool) -> dict[str, Any]:
+def _train(
+    cfg: Config,
+    runtime: Runtime,
+    resume: str | None,
+    force: bool,
+    on_log: OnLog = None,
+    on_checkpoint: OnCheckpoint = None,
+) -> dict[str, Any]:
     out_dir = Path(cfg.run.out_dir)
     resume_from = plan_resume(cfg, resume, force, runtime.is_main)  # read-only checks first
     if runtime.is_main:
@@ -254,7 +280,10 @@ def _train(cfg: Config, runtime: Runtime, resume: str | None, force: bool) -> di
     round_fields: dict[str, float] = {}
     if resumed is None:
         val_loss = evaluate(model, val, runtime)
-        logger.log({"step": 0, "outer_step": 0, "tokens": 0, "val_loss": val_loss, **start_check})
+        record0 = {"step": 0, "outer_step": 0, "tokens": 0, "val_loss": val_loss, **start_check}
+        logger.log(record0)
+        if on_log is not None:
+            on_log(record0)
     else:  # the checkpointed run logged every step up to the checkpoint
         val_loss = resumed["loop"]["val_loss"]
         round_fields = resumed["loop"]["round_fields"]
@@ -298,7 +327,7 @@ def _train(cfg: Config, runtime: Runtime, resume: str | None, force: bool) -> di
 
         eval_now = step == steps or (tc.eval_every and step % tc.eval_every == 0)
         if not (eval_now or step % tc.log_every == 0):
-            _maybe_checkpoint(ckpt, step, val_loss, round_fields)
+            _maybe_checkpoint(ckpt, step, val_loss, round_fields, on_checkpoint)
             continue
         now = time.perf_counter()
         record: dict[str, Any] = {
@@ -318,9 +347,11 @@ def _train(cfg: Config, runtime: Runtime, resume: str | None, force: bool) -> di
                 val_loss = evaluate(model, val, runtime)
             record["val_loss"] = val_loss
         logger.log(record)
+        if on_log is not None:
+            on_log(record)
         bar.update(step, loss=record["loss"], val=val_loss, tok_s=f"{record['tokens_per_s']:.0f}")
         window_start, window_tokens = time.perf_counter(), 0
-        _maybe_checkpoint(ckpt, step, val_loss, round_fields)
+        _maybe_checkpoint(ckpt, step, val_loss, round_fields, on_checkpoint)
     bar.close()
     logger.close()
     _save_final_model(model, dl, runtime, out_dir / "final_model.pt")

@@ -1,4 +1,4 @@
-"""``diloco bench optim``: the compute-factor arithmetic on synthetic curves, and a tiny --quick run.
+"""``diloco bench optim``: compute-factor arithmetic on synthetic curves, and a tiny --quick run.
 
 Compute factor = x the baseline needs to reach its own final val loss ÷ x the method needs to
 reach that loss, where "reach" is the first crossing of the eval curve, interpolated linearly.

@@ -202,6 +202,20 @@ def test_auto_skips_a_broken_newest_checkpoint_with_a_warning(reference, tmp_pat
     assert read_meta(out / "checkpoints" / "step_24")["step"] == 24  # rewritten whole
 
 
+def test_forced_resume_with_a_changed_config_uses_the_new_settings(reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    cfg = load_config(out / "config.yaml", [f"run.out_dir={out}", "inner.lr=1e-3"])
+    train(cfg, resume=str(out / "checkpoints" / "step_16"), force=True)
+    err = capsys.readouterr().err
+    assert "diloco: warning: --force: resuming" in err and "(inner.lr 0.003 -> 0.001)" in err
+    ref = {r["step"]: r for r in read_metrics(reference[0] / "metrics.jsonl")}
+    got = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    assert got[16] == ref[16]  # kept from before the checkpoint
+    for step in (18, 20, 24):  # same schedule position, a third of the peak LR
+        assert got[step]["lr"] == pytest.approx(ref[step]["lr"] / 3, rel=1e-12)
+
+
 def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(corpus, reference, tmp_path):
     out = tmp_path / "run"
     train(load_config(None, tiny(corpus, out)))

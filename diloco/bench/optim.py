@@ -22,7 +22,9 @@ size (``--sizes``), with horizons ``--steps`` (the first, shortest one is the tu
    vs tuned AdamW, vs tuned Muon, and for the G=2 pair vs the 2x-batch AdamW.
 
 Every method shares the base config's LR schedule family (``--warmup-frac`` of the horizon for
-warm-up), the seeded data stream (``run.seed``) and the horizon's token budget. Each run is one
+warm-up), the seeded data stream (``run.seed``) and the horizon's token budget. Evaluations fall
+every ~horizon/``--evals`` steps, rounded to a multiple of the plan's largest K, so SNOO's slow
+weights are freshly synchronised at every eval point. Each run is one
 :func:`diloco.train.train` call with its own directory ``OUT/runs/<key>``, ``key`` a hash of the
 run's resolved config: a run whose ``summary.json`` (or, for a diverged run, ``failed.json``)
 exists is not run again, so an interrupted benchmark continues where it stopped.
@@ -42,7 +44,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import socket
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from diloco.bench.compute_factor import compute_factor, factor_bound, format_factor, mean_curve
+from diloco.bench.report import hardware, plot_curves, render_markdown, settings_label
 from diloco.config import Config, config_from_dict, config_to_dict, dump_config, load_config
 from diloco.errors import ConfigError, DilocoError
 
@@ -216,24 +218,6 @@ def run_key(m: Method, size: str, steps: int, seed: int, cfg: dict[str, dict[str
     blob = json.dumps({"config": data, "nproc": m.groups}, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return f"{m.name}-{size}-{steps}-s{seed}-{digest}"
-
-
-def settings_label(settings: dict[str, Any]) -> str:
-    """``lr=2e-03 K=8 η=0.7 μ=0.5``: the tuned knobs of a setting."""
-    names = {
-        "inner.lr": "lr",
-        "inner.muon_lr": "muon_lr",
-        "outer.sync_every": "K",
-        "outer.lr": "η",
-        "outer.momentum": "μ",
-    }
-    parts = []
-    for key, name in names.items():
-        if key in settings:
-            value = settings[key]
-            shown = f"{value:g}" if isinstance(value, float) else str(value)
-            parts.append(f"{name}={shown}")
-    return " ".join(parts)
 
 
 # --- running one configuration (cached) ----------------------------------------------------------
@@ -514,158 +498,10 @@ def _aggregate(plan: Plan, runner: Runner, size: str, best: dict[str, dict]) -> 
     return rows
 
 
-# --- reports -------------------------------------------------------------------------------------
-
-
-def _size_label(plan: Plan, size: str) -> str:
-    model = {**plan.base["model"], **plan.sizes[size]}
-    params = _n_params(model) / 1e6
-    shape = f"{model['n_layer']}x{model['n_embd']}, seq {model['block_size']}"
-    return f"{size} = {shape}, {params:.2f}M params"
-
-
-def _n_params(model: dict[str, Any]) -> int:
-    from diloco.models import GPT, GPTConfig
-
-    keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
-    return GPT(GPTConfig(**{k: model[k] for k in keys})).num_params()
-
-
-def _loss_text(row: dict[str, Any]) -> str:
-    mean, std = row["final_val_loss_mean"], row["final_val_loss_std"]
-    if mean is None:
-        return "diverged"
-    text = f"{mean:.4f} ± {std:.4f}"
-    return (
-        text if row["ok_seeds"] == row["seeds"] else f"{text} ({row['ok_seeds']}/{row['seeds']} ok)"
-    )
-
-
-def _cf_text(row: dict[str, Any], column: str) -> str:
-    cell = row.get(column)
-    return cell["text"] if cell else "—"
-
-
-def render_markdown(plan: Plan, rows: list[dict], tried: list[dict], meta: dict[str, Any]) -> str:
-    """The benchmark's tables (``results.md``; also printed)."""
-    lines = [
-        "# diloco bench optim",
-        "",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}; hardware: {meta['hardware']}",
-        f"- wall time: {meta['wall_s']:.0f} s for this invocation ({meta['executed']} runs "
-        f"executed, {meta['reused']} from the cache); the runs' own wall times sum to "
-        f"{meta['runs_wall_s']:.0f} s",
-        f"- sizes: {'; '.join(_size_label(plan, s) for s in plan.sizes)}",
-        f"- data: `{plan.base['data']['source']}`, batch {plan.base['data']['batch_size']} "
-        f"(x2 for the DP / G=2 pair); schedule {plan.base['inner']['schedule']} "
-        f"with {plan.warmup_frac:.0%} warm-up; seeds: {plan.seeds}; tuned at "
-        f"{plan.tune_steps} steps on seed 0",
-        f"- grids: lr {plan.lr_grid}; muon_lr {plan.muon_lr_grid} (Muon's AdamW part at lr "
-        f"{plan.lr_grid[len(plan.lr_grid) // 2]:g}); SNOO (K, η, μ) {plan.outer_grid}",
-        "- compute factor (CF): tokens the baseline needs to reach its own final val loss ÷ "
-        "tokens the method needs to reach it (first crossing of the seed-mean eval curve, linear "
-        "interpolation); > 1 is faster; `<b (not reached)` = never reached, b is an upper bound",
-    ]
-    for method, why in plan.skipped.items():
-        lines.append(f"- **{method} skipped**: {why}")
-    lines += ["", "## Final val loss and compute factor (best setting per method)", ""]
-    lines.append(
-        "| size | steps | method | best setting | final val loss (mean ± std) "
-        "| CF vs AdamW | CF vs Muon | CF vs DP 2x | wall s/run |"
-    )
-    lines.append("|---|---:|---|---|---|---:|---:|---:|---:|")
-    for row in rows:
-        lines.append(
-            f"| {row['size']} | {row['steps']} | {row['label']} | {row['setting']} | "
-            f"{_loss_text(row)} | {_cf_text(row, 'vs AdamW')} | {_cf_text(row, 'vs Muon')} | "
-            f"{_cf_text(row, 'vs DP 2x')} | {row['wall_s_mean']:.1f} |"
-        )
-    columns = [(s, h) for s in plan.sizes for h in plan.horizons]
-    for column in ("vs AdamW", "vs Muon"):
-        lines += ["", f"## Compute factor {column}: does it grow with size and length?", ""]
-        lines.append("| method | " + " | ".join(f"{s} / {h} steps" for s, h in columns) + " |")
-        lines.append("|---|" + "---:|" * len(columns))
-        for m in plan.methods:
-            cells = []
-            for s, h in columns:
-                match = [r for r in rows if (r["size"], r["steps"], r["method"]) == (s, h, m.name)]
-                cells.append(_cf_text(match[0], column) if match else "—")
-            lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Tuning runs ({plan.tune_steps} steps, seed 0)", ""]
-    lines.append("| size | method | setting | final val loss |")
-    lines.append("|---|---|---|---:|")
-    for r in tried:
-        loss = r["final_val_loss"]
-        shown = f"{loss:.4f}" if loss is not None else r["status"]
-        lines.append(f"| {r['size']} | {r['method']} | {settings_label(r['settings'])} | {shown} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(plan: Plan, rows: list[dict], path: Path) -> None:
-    """Seed-mean val loss against tokens, one panel per (size, horizon)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes, horizons = list(plan.sizes), plan.horizons
-    fig, axes = plt.subplots(
-        len(sizes), len(horizons), figsize=(6 * len(horizons), 4.2 * len(sizes)), squeeze=False
-    )
-    styles = ["-", "--", "-.", ":"]
-    for i, size in enumerate(sizes):
-        for j, steps in enumerate(horizons):
-            ax = axes[i][j]
-            panel = [r for r in rows if r["size"] == size and r["steps"] == steps]
-            finals, tops = [], []
-            for k, row in enumerate(panel):
-                if not row["curve_mean"]:
-                    continue
-                xs, ys = zip(*row["curve_mean"], strict=True)
-                ax.plot(xs, ys, styles[k // 10 % 4], label=f"{row['label']}", lw=1.4)
-                finals.append(min(ys))
-                later = [y for x, y in row["curve_mean"] if x >= 0.2 * xs[-1]]
-                tops.append(later[0] if later else ys[-1])
-            if finals:
-                low, high = min(finals), max(tops)
-                pad = 0.05 * max(high - low, 1e-3)
-                ax.set_ylim(low - pad, high + pad)
-            seeds = f"{plan.seeds} seeds, mean" if plan.seeds > 1 else "1 seed"
-            ax.set_title(f"{size}, {steps} steps ({seeds})")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel("val loss (slow weights)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _hardware(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    text = (
-        f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"Python {platform.python_version()}"
-    )
-    if device == "cuda" and torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return text
-
-
 # --- plan, estimate, run -------------------------------------------------------------------------
 
 
-def _parse_size(spec: str, base_model: dict[str, Any]) -> dict[str, int]:
+def _parse_size(spec: str) -> dict[str, int]:
     if spec in PRESET_SIZES:
         return dict(PRESET_SIZES[spec])
     if spec == "config":
@@ -684,14 +520,6 @@ def _distributed_problem(base: dict[str, dict[str, Any]], groups: int) -> str | 
     """Why a G-group torchrun run cannot work here, or None."""
     import torch
 
-    import diloco.topology as topology
-
-    source = Path(topology.__file__).read_text(encoding="utf-8")
-    if "init_process_group" not in source:
-        return (
-            "the distributed layer (diloco/topology.py) does not set up a process group yet, "
-            "so topology.groups > 1 cannot run"
-        )
     device = base["run"]["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -708,7 +536,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.data:
         base["data"]["source"] = args.data
     default_sizes = ["config"] if args.config else mode["sizes"]
-    sizes = {s: _parse_size(s, base["model"]) for s in (args.sizes or default_sizes)}
+    sizes = {s: _parse_size(s) for s in (args.sizes or default_sizes)}
     horizons = sorted(set(args.steps or mode["steps"]))
     if args.config:  # a config brings its own LR scale: grid = its lr x {1/2, 1, 2}
         lr_grid = [base["inner"]["lr"] * f for f in (0.5, 1.0, 2.0)]
@@ -794,7 +622,7 @@ def _probe_ms(plan: Plan, out: Path, size: str, inner: str) -> float:
     _set(cfg, "run.out_dir", str(probe_dir))
     _set(cfg, "train.eval_every", 0)
     summary = train(config_from_dict(cfg))
-    shutil.rmtree(probe_dir, ignore_errors=True)
+    shutil.rmtree(probe_dir.parent, ignore_errors=True)
     return summary["inner_step_ms"]
 
 
@@ -824,7 +652,7 @@ def announce(plan: Plan, out: Path, probe: bool = True) -> None:
     names = ", ".join(m.name for m in plan.methods)
     print(
         f"diloco bench optim: {plan.n_runs()} runs planned ({names}; sizes "
-        f"{', '.join(plan.sizes)}; horizons {plan.horizons}; {plan.seeds} seeds)"
+        f"{', '.join(plan.sizes)}; horizons {plan.horizons}; {plan.seeds} seed(s))"
     )
     for method, why in plan.skipped.items():
         print(f"  skipping {method}: {why}")
@@ -856,7 +684,7 @@ def run_bench(plan: Plan, out: Path, command: str, probe: bool = True) -> dict[s
     meta = {
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "hardware": _hardware(plan.base["run"]["device"]),
+        "hardware": hardware(plan.base["run"]["device"]),
         "wall_s": time.perf_counter() - started,
         "executed": runner.executed,
         "reused": runner.reused,
@@ -918,7 +746,8 @@ def _floats(text: str) -> list[float]:
 #: (flag, add_argument keywords) of ``diloco bench optim``, in help order.
 _OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--quick", {"action": "store_true",
-                 "help": "small plan: tiny model, 2 seeds, short horizons (< 5 min, 2 CPU cores)"}),
+                 "help": "small plan: tiny model, 2 seeds, 100/250 steps "
+                         "(aims at < 5 min on 2 idle cores)"}),
     ("--config", {"help": "base YAML config (model, data, schedule, device); its model is the "
                   "size unless --sizes is given"}),
     ("--set", {"dest": "overrides", "action": "append", "default": [],
@@ -976,6 +805,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     if args.steps and min(args.steps) < 2:
         raise ConfigError(f"--steps must be >= 2, got {args.steps}")
+    if args.evals < 1:
+        raise ConfigError(f"--evals must be >= 1, got {args.evals}")
+    if not 0 <= args.warmup_frac < 1:
+        raise ConfigError(f"--warmup-frac must be in [0, 1), got {args.warmup_frac}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     plan = make_plan(args)
     out = Path(args.out)
     command = _command(args)
