@@ -19,7 +19,7 @@ __all__ = ["plot_curves", "render_markdown", "settings_label", "hardware"]
 
 
 def settings_label(settings: dict[str, Any]) -> str:
-    """``lr=2e-03 K=8 η=0.7 μ=0.5``: the tuned knobs of a setting."""
+    """``lr=0.002 K=8 η=0.7 μ=0.5``: the tuned knobs of a setting."""
     names = {
         "inner.lr": "lr",
         "inner.muon_lr": "muon_lr",
