@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -185,16 +186,32 @@ def _import_ray():
     return ray
 
 
-def _loopback_only() -> None:
-    """Make a Ray started by this process advertise 127.0.0.1 (then MASTER_ADDR is loopback).
+#: Driver-side filter of forwarded worker log lines: without a dashboard (``ray[train]`` has
+#: none) Ray Train's placement-group cleaner warns every second that the State API is missing.
+QUIET_LINES = "Failed to query Ray Train Controller actor state"
 
-    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when it is imported; if it already
-    was, the same switch is set on the imported module.
+
+def _ray_env(local: bool) -> None:
+    """Environment Ray reads when it is imported (set on the imported modules if it already was).
+
+    Always: skip :data:`QUIET_LINES` in forwarded logs. Local mode: advertise 127.0.0.1 (so
+    MASTER_ADDR is loopback) and send no usage statistics.
     """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", QUIET_LINES)
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
+        if local:
+            constants.ENABLE_RAY_CLUSTER = False
+        logs = sys.modules.get("ray._private.ray_logging")
+        for dedup in (
+            getattr(logs, "stdout_deduplicator", None),
+            getattr(logs, "stderr_deduplicator", None),
+        ):
+            if dedup is not None and getattr(dedup, "skip_re", None) is None:
+                dedup.skip_re = re.compile(os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"])
 
 
 def _ray_tmpdir() -> str:
@@ -275,9 +292,8 @@ def launch_ray(
     resume, force = _prepare_resume(cfg, resume, force)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local"
+    _ray_env(local)
     if local:
-        _loopback_only()
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         gpus = _local_gpus()
         plan = plan_workers(cfg, cpus_per_worker, gpus_available=gpus > 0)
         # The cluster is sized from the topology; only GPUs can be missing.
@@ -323,7 +339,13 @@ def _fit(
     storage_path: str | None,
     init_s: float,
 ) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out_dir = Path(cfg.run.out_dir).absolute()
@@ -351,6 +373,7 @@ def _fit(
             storage_path=storage_path or str(ray_dir),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
             worker_runtime_env={"env_vars": _worker_env(plan)},
         ),
     )
@@ -507,10 +530,22 @@ class _RayReporter:
         faults.after_ray_checkpoint(meta["round"], self.rank, self.world, self.attempt)
 
 
-def _check_groups_on_nodes(shards: int) -> None:
-    """Warn (once per node) if this node's workers are not whole groups."""
+def _report_placement(rank: int, shards: int) -> None:
+    """Each node's first worker prints which ranks and groups it holds, and warns if a group
+    spans nodes (Ray Train gives a node's workers contiguous ranks)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    import ray
+
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if os.environ.get("LOCAL_RANK", "0") == "0" and shards > 1 and local_world % shards:
+    last = rank + local_world - 1
+    print(
+        f"diloco: node {ray.util.get_node_ip_address()}: ranks {rank}-{last}, "
+        f"groups {rank // shards}-{last // shards}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if rank % shards or local_world % shards:
         print(
             f"diloco: warning: this node runs {local_world} workers, not a multiple of "
             f"topology.shards={shards}: a group spans nodes and its FSDP traffic crosses the "
@@ -530,7 +565,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["config"])
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    _check_groups_on_nodes(cfg.topology.shards)
+    _report_placement(rank, cfg.topology.shards)
     attempt = _count_attempt(Path(config["attempts_file"]), rank)
     first = (config["resume"], config["force"])
     if attempt == 0:
