@@ -12,6 +12,10 @@ Layout of ``RUN_DIR/checkpoints/step_<N>/`` (N = inner steps done)::
     group<g>/          DCP: group g's inner optimiser state ("optim.…"; plus "model.…" for
                        outer.method=none), saved by group g's S shard ranks. Groups' inner states
                        differ; one global save would mix them (NOTES.md), hence one per group.
+                       With outer.compress and G > 1 also group g's error-feedback residual
+                       ("residual.<fqn>", shaped like θ): it carries over rounds, so a resume
+                       without it would not equal the uninterrupted run. A resuming group beyond
+                       the saved ones, or a checkpoint without residuals, starts from e = 0.
     extra/group<g>.pt  group g's data-stream position (``BatchStream.state_dict``).
     extra/rank<r>.pt   rank r's RNG states.
 
@@ -388,6 +392,8 @@ class Checkpointer:
 
     def _save(self, step: int, loop: dict[str, Any]) -> None:
         rt = self.runtime
+        if getattr(self.dl, "in_flight", 0):  # streaming: only at period boundaries (none then)
+            raise CheckpointError(f"step {step}: a fragment's average is still in flight")
         tmp = self.root / f"step_{step}.tmp"
         if rt.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -398,7 +404,7 @@ class Checkpointer:
         pg = self._shard_group()
         if self.dl.outer is not None and rt.group == 0:
             _dcp_save(self._outer_state()[0], tmp / "outer", pg)
-        _dcp_save(self._group_state(), tmp / f"group{rt.group}", pg)
+        self._save_group(tmp / f"group{rt.group}", pg)
         if rt.shard == 0:
             _save_synced(self.stream.state_dict(), tmp / "extra" / f"group{rt.group}.pt")
         _save_synced(_rng_state(), tmp / "extra" / f"rank{rt.rank}.pt")
@@ -421,10 +427,10 @@ class Checkpointer:
 
     def _meta(self, step: int, loop: dict[str, Any], tmp: Path) -> dict[str, Any]:
         dl, rt = self.dl, self.runtime
-        outer_scalars = {}
-        if dl.outer is not None:
-            group = dl.outer.param_groups[0]
-            outer_scalars = {k: group[k] for k in _OUTER_SCALARS if k in group}
+        outer_scalars, per_group = {}, []
+        if dl.outer is not None:  # streaming: one param group per fragment, each its own β
+            per_group = [{k: g[k] for k in _OUTER_SCALARS if k in g} for g in dl.outer.param_groups]
+            outer_scalars = per_group[0]
         files = {
             p.relative_to(tmp).as_posix(): p.stat().st_size
             for p in sorted(tmp.rglob("*"))
@@ -446,6 +452,7 @@ class Checkpointer:
                 "bad_rounds": dl.bad_rounds,
             },
             "outer_scalars": outer_scalars,
+            "outer_group_scalars": per_group,
             "scheduler": self.scheduler.state_dict(),
             "loop": loop,
             "files": files,
@@ -482,8 +489,9 @@ class Checkpointer:
                 load_dcp(outer_state, ckpt / "outer", pg)
                 for local, staging in staged:
                     local.copy_(_local(staging))
-            group_state = self._group_state()
-            load_dcp(group_state, ckpt / f"group{rt.group % saved_groups}", pg)
+            group_state = self._load_group(
+                ckpt / f"group{rt.group % saved_groups}", pg, rt.group < saved_groups
+            )
         except CheckpointError as e:
             error = str(e)
         if rt.mean(1.0 if error else 0.0) > 0:  # every rank takes the same decision
@@ -502,10 +510,15 @@ class Checkpointer:
         }
         if dl.outer is not None:
             outer_sd = dl.outer.state_dict()
-            for group in outer_sd["param_groups"]:
-                group.update(meta["outer_scalars"])
+            per_group = meta.get("outer_group_scalars", [])
+            if len(per_group) != len(outer_sd["param_groups"]):
+                per_group = [meta["outer_scalars"]] * len(outer_sd["param_groups"])
+            for group, scalars in zip(outer_sd["param_groups"], per_group, strict=True):
+                group.update(scalars)
             sd["slow"] = dl.slow_tensors()
             sd["outer"] = outer_sd
+            if "model" in group_state:  # streaming: the saved fast weights, already restored
+                sd["fast"] = dl.fast_tensors()
         dl.load_state_dict(sd)  # also rebuilds the fast weights as the start point s
         for group, own in zip(dl.inner.param_groups, settings, strict=True):
             group.update(own)
@@ -568,7 +581,7 @@ class Checkpointer:
                 staged.append((local, t))
             return t
 
-        buffers = _outer_buffers(self.dl.outer)
+        buffers = _outer_buffers(self.dl.outer, self.dl.slow_tensors())
         slow, outer = {}, {}
         params = list(self._named_params())
         for (name, p), theta, bufs in zip(params, self.dl.slow_tensors(), buffers, strict=True):
@@ -594,9 +607,52 @@ class Checkpointer:
 
         self.dl.fast_tensors()
         state = {"optim": get_optimizer_state_dict(self.model, self._optimizers())}
-        if self.dl.outer is None:  # no θ: the model's weights are the state
+        # No θ: the model's weights are the state. Streaming: at a period boundary the fast
+        # weights are not the start point, so they are saved too.
+        if self.dl.outer is None or getattr(self.dl, "checkpoint_fast_weights", False):
             state["model"] = get_model_state_dict(self.model)
+        residual = self._residual_state()
+        if residual:
+            state["residual"] = residual
         return state
+
+    def _residuals(self) -> list[Tensor]:
+        """This rank's error-feedback residuals in parameter order ([] without compression)."""
+        if getattr(self.dl.reducer, "error_feedback", None) is None:
+            return []
+        return self.dl.reducer.residuals(self.dl.fast_tensors())
+
+    def _residual_state(self) -> dict[str, Tensor]:
+        """The residuals as DCP targets with their parameters' global shapes (reshardable)."""
+        residuals = self._residuals()
+        if not residuals:
+            return {}
+        params = list(self._named_params())
+        return {n: _dcp_view(p, e)[0] for (n, p), e in zip(params, residuals, strict=True)}
+
+    @torch.no_grad()
+    def _load_residuals(self, loaded: dict[str, Tensor], own_group: bool) -> None:
+        """Residuals ← the loaded ones (copied back if staged); zeros for a group that did not
+        exist in the checkpoint (a copy of another group's residual would count it twice)."""
+        for e, t in zip(self._residuals(), loaded.values(), strict=False):
+            if not own_group:
+                e.zero_()
+            elif _local(t).data_ptr() != e.data_ptr():
+                e.copy_(_local(t))
+
+    def _save_group(self, path: Path, pg: Any) -> None:
+        """Write this group's inner state into ``path`` (DCP, by the group's shard ranks)."""
+        _dcp_save(self._group_state(), path, pg)
+
+    def _load_group(self, path: Path, pg: Any, own_group: bool) -> dict[str, Any]:
+        """Read the inner state saved in ``path`` (``own_group``: saved by this very group);
+        :meth:`_set_group_state` applies it once every rank has read its part."""
+        group_state = self._group_state()
+        if not _has_residual(path):
+            group_state.pop("residual", None)  # e = 0 (uncompressed run, or G = 1)
+        load_dcp(group_state, path, pg)
+        self._load_residuals(group_state.get("residual", {}), own_group)
+        return group_state
 
     def _set_group_state(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -623,9 +679,9 @@ class Checkpointer:
 # helpers
 
 
-def _outer_buffers(outer: OuterOptimizer | None) -> list[dict[str, Tensor]]:
-    """Per slow tensor, its outer buffers (created as zeros if the first round has not run:
-    exactly what the outer optimiser would create)."""
+def _outer_buffers(outer: OuterOptimizer | None, slow: list[Tensor]) -> list[dict[str, Tensor]]:
+    """Per slow tensor of ``slow`` (parameter order), its outer buffers (created as zeros if the
+    first round has not run: exactly what the outer optimiser would create)."""
     if outer is None:
         return []
     if isinstance(outer, EMANesterov):
@@ -635,7 +691,7 @@ def _outer_buffers(outer: OuterOptimizer | None) -> list[dict[str, Tensor]]:
     else:
         names = ()
     out = []
-    for p in outer.slow_tensors():
+    for p in slow:
         state = outer.state[p]
         for n in names:
             if n not in state:
@@ -659,6 +715,17 @@ def _dcp_view(p: Tensor, local: Tensor) -> tuple[Tensor, bool]:
         )
         return t, copied
     return local, copied
+
+
+def _has_residual(path: Path) -> bool:
+    """Whether the group DCP directory ``path`` holds error-feedback residuals."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # missing or corrupt: load_dcp reports it
+        return False
+    return any(k.startswith("residual.") for k in keys)
 
 
 def _local(t: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ This module must not import torch: configs are loaded and checked before any hea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -29,6 +30,7 @@ import yaml
 from diloco.errors import ConfigError
 
 __all__ = [
+    "DEEPSPEED_RESERVED",
     "FINGERPRINT_IGNORE",
     "Config",
     "DataConfig",
@@ -52,6 +54,8 @@ def _field(default: Any, doc: str, choices: tuple[str, ...] = ()) -> Any:
     metadata = {"doc": doc, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -118,6 +122,24 @@ class InnerConfig:
     min_lr_ratio: float = _field(0.1, "Final learning rate as a fraction of the peak.")
     decay_frac: float = _field(0.2, "wsd: fraction of the steps spent in the final linear decay.")
     grad_clip: float = _field(1.0, "Gradient-norm clipping threshold; 0 disables clipping.")
+    engine: str = _field(
+        "fsdp2",
+        "What holds a group's fast weights: fsdp2 (FSDP2 over the group's shards; a plain module "
+        "when topology.shards=1) or deepspeed (DeepSpeed ZeRO over the group's shards; needs "
+        "pip install -e '.[deepspeed]').",
+        ("fsdp2", "deepspeed"),
+    )
+    zero_stage: int = _field(
+        2,
+        "engine=deepspeed: ZeRO stage; 1 partitions the optimizer state, 2 also the gradients, "
+        "3 also the parameters (one of 1, 2, 3).",
+    )
+    deepspeed: dict[str, Any] = _field(
+        {},
+        "engine=deepspeed: extra DeepSpeed config, merged into the one diloco builds (batch "
+        "sizes, optimizer, gradient_clipping and zero_optimization.stage come from the other "
+        "settings and may not be set here).",
+    )
 
 
 @dataclass
@@ -152,7 +174,15 @@ class OuterConfig:
         ("none", "cpu"),
     )
     compress: str = _field(
-        "none", "Precision of the exchanged outer updates.", ("none", "bf16", "int8")
+        "none",
+        "Precision of the exchanged outer updates: none (fp32 all-reduce), bf16, or int8 with "
+        "per-block scales; bf16/int8 use a two-phase exchange with error feedback (the "
+        "compression residual is carried to the next round). Does nothing with "
+        "topology.groups=1 (nothing is exchanged).",
+        ("none", "bf16", "int8"),
+    )
+    compress_block: int = _field(
+        256, "outer.compress=int8: elements per block sharing one fp32 scale."
     )
     fragments: int = _field(
         1, "Streaming: number of parameter fragments synchronised at staggered times."
@@ -425,6 +455,11 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple[str, ...]) -> Any:
         if isinstance(value, str):
             return value
         expected = "a string"
+    elif typing.get_origin(hint) is dict:  # inner.deepspeed: a mapping passed through
+        if isinstance(value, Mapping):
+            with contextlib.suppress(TypeError, ValueError):
+                return json.loads(json.dumps(dict(value)))  # a plain deep copy of JSON values
+        expected = "a mapping of JSON values (as in a DeepSpeed config)"
     else:  # list[float], the only other field type
         if isinstance(value, (list, tuple)):
             numbers = [_as_float(item) for item in value]
@@ -485,6 +520,7 @@ _BOUNDS: dict[str, _Bound] = {
     "outer.ema_gamma": _FRACTION,
     "outer.ema_warmup": _FRACTION,
     "outer.ema_rest": _FRACTION,
+    "outer.compress_block": _at_least(8),
     "outer.fragments": _at_least(1),
     "outer.sync_delay": _at_least(0),
     "outer.mix_alpha": _CLOSED_FRACTION,
@@ -543,6 +579,12 @@ def _validate(cfg: Config) -> None:
         f"e.g. data.batch_size={topology.shards * math.ceil(data.batch_size / topology.shards)}",
     )
     _check(
+        inner.optimizer != "muon" or topology.shards == 1,
+        f"inner.optimizer=muon with topology.shards={topology.shards}: Muon orthogonalises whole "
+        f"weight matrices but each FSDP2 shard holds a slice of rows; use topology.shards=1 "
+        f"(scale out with topology.groups) or inner.optimizer=adamw",
+    )
+    _check(
         len(inner.betas) == 2,
         f"inner.betas must be two numbers [beta1, beta2], got {inner.betas!r}",
     )
@@ -568,6 +610,21 @@ def _validate(cfg: Config) -> None:
         outer.sync_delay < outer.sync_every,
         f"outer.sync_delay ({outer.sync_delay}) must be < outer.sync_every ({outer.sync_every})",
     )
+    # Streaming (diloco/streaming.py): fragment i is applied at step offset (i+1)·K/P, so K/P
+    # must be whole, and a reduction started τ steps earlier must land before the next starts
+    # (then none is in flight at a round boundary, where checkpoints are taken).
+    _check(
+        outer.sync_every % outer.fragments == 0,
+        f"outer.sync_every ({outer.sync_every}) must be divisible by outer.fragments "
+        f"({outer.fragments}): fragment i syncs at offset (i+1)*sync_every/fragments; e.g. "
+        f"outer.sync_every={outer.fragments * math.ceil(outer.sync_every / outer.fragments)}",
+    )
+    _check(
+        outer.sync_delay < outer.sync_every // outer.fragments,
+        f"outer.sync_delay ({outer.sync_delay}) must be < outer.sync_every / outer.fragments "
+        f"({outer.sync_every // outer.fragments}): a fragment's reduction must land before the "
+        f"next fragment's starts",
+    )
     if outer.method == "none":
         _check(
             topology.groups == 1,
@@ -581,3 +638,62 @@ def _validate(cfg: Config) -> None:
                 f"outer.{key}={value!r} needs an outer step but outer.method is none; "
                 f"use outer.method=nesterov, sgd or ema_nesterov, or outer.{key}={off!r}",
             )
+    _validate_engine(inner, outer)
+
+
+#: DeepSpeed config keys diloco sets itself, with the settings they come from.
+DEEPSPEED_RESERVED: dict[str, str] = {
+    "train_batch_size": "data.batch_size",
+    "train_micro_batch_size_per_gpu": "data.batch_size / topology.shards",
+    "gradient_accumulation_steps": "one inner step per batch",
+    "optimizer": "inner.optimizer and its settings",
+    "scheduler": "inner.schedule and its settings",
+    "gradient_clipping": "inner.grad_clip",
+    "zero_allow_untested_optimizer": "the inner optimiser diloco builds",
+    "zero_optimization.stage": "inner.zero_stage",
+}
+
+
+def _validate_engine(inner: InnerConfig, outer: OuterConfig) -> None:
+    """Rules of ``inner.engine``, ``inner.zero_stage`` and ``inner.deepspeed``.
+
+    Whether the deepspeed package is installed is checked when the engine is built, so that
+    a DeepSpeed config can be loaded and checked on a machine without it.
+    """
+    _check(
+        inner.zero_stage in (1, 2, 3),
+        f"inner.zero_stage must be one of 1, 2, 3, got {inner.zero_stage!r}",
+    )
+    if inner.engine != "deepspeed":
+        _check(
+            not inner.deepspeed,
+            f"inner.deepspeed is set but inner.engine is {inner.engine}; "
+            "use inner.engine=deepspeed or remove inner.deepspeed",
+        )
+        return
+    _check(
+        inner.optimizer != "muon",
+        "inner.optimizer=muon is not supported with inner.engine=deepspeed (ZeRO flattens the "
+        "weight matrices Muon needs whole); use inner.optimizer=adamw or sgd, or "
+        "inner.engine=fsdp2",
+    )
+    for key, off in _STREAMING_DEFAULTS.items():
+        _check(
+            key == "compress" or getattr(outer, key) == off,
+            f"outer.{key}={getattr(outer, key)!r} (streaming) is not supported with "
+            f"inner.engine=deepspeed: its fast weights are flat ZeRO partitions, not layers; "
+            f"use outer.{key}={off!r} or inner.engine=fsdp2",
+        )
+    zero = inner.deepspeed.get("zero_optimization", {})
+    _check(
+        isinstance(zero, dict),
+        f"inner.deepspeed.zero_optimization must be a mapping, got {_shown(zero)}",
+    )
+    for dotted, source in DEEPSPEED_RESERVED.items():
+        section, _, key = dotted.rpartition(".")
+        where = zero if section else inner.deepspeed
+        _check(
+            key not in where,
+            f"inner.deepspeed.{dotted} is set by diloco (from {source}); remove it from "
+            "inner.deepspeed",
+        )

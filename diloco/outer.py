@@ -10,6 +10,10 @@ tensors.
 Besides ``step()``, an outer optimiser knows the *start point* s of the next round (the point
 every group's fast weights restart from) and writes it with :meth:`OuterOptimizer.write_start`.
 
+Streaming DiLoCo (:mod:`diloco.streaming`) gives the optimiser one param group per fragment and
+passes ``group=i`` to ``step``/``write_start``/``add_lookahead``/``set_beta`` to touch only
+fragment i; ``group=None`` (the default) means every group, as before.
+
 Maths (DESIGN.md §1; η = ``lr``, μ = ``momentum``):
 
 * :class:`Nesterov` — b ← μ·b + Δ;  θ ← θ − η·(Δ + μ·b);  s = θ.  This is exactly
@@ -35,18 +39,23 @@ OUTER_METHODS = ("nesterov", "sgd", "ema_nesterov", "none")
 class OuterOptimizer(torch.optim.Optimizer):
     """Base class: an optimiser over slow weights that also writes the next start point."""
 
-    def slow_tensors(self) -> list[Tensor]:
-        """All slow tensors θ, in parameter order."""
-        return [p for group in self.param_groups for p in group["params"]]
+    def slow_tensors(self, group: int | None = None) -> list[Tensor]:
+        """The slow tensors θ of param group ``group`` (None: all, in param-group order)."""
+        return [p for g in self._groups(group) for p in g["params"]]
+
+    def _groups(self, group: int | None) -> list[dict]:
+        return self.param_groups if group is None else [self.param_groups[group]]
 
     @torch.no_grad()
-    def write_start(self, fast: list[Tensor]) -> None:
-        """fast ← s, the start point of the next round."""
-        torch._foreach_copy_(fast, self.slow_tensors())
-        self.add_lookahead(fast)
+    def write_start(self, fast: list[Tensor], group: int | None = None) -> None:
+        """fast ← s, the start point of the next round (of param group ``group`` only)."""
+        torch._foreach_copy_(fast, self.slow_tensors(group))
+        self.add_lookahead(fast, group=group)
 
     @torch.no_grad()
-    def add_lookahead(self, tensors: list[Tensor], sign: float = 1.0) -> None:
+    def add_lookahead(
+        self, tensors: list[Tensor], sign: float = 1.0, group: int | None = None
+    ) -> None:
         """tensors += sign·(s − θ); s = θ here, so nothing to add."""
 
     @staticmethod
@@ -72,10 +81,11 @@ class Nesterov(OuterOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum))
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - maths in the class docstring
+    def step(self, closure=None, group: int | None = None):  # noqa: D102 - maths: class doc
         if closure is not None:
             raise ValueError("outer optimisers take no closure")
-        for group in self.param_groups:
+        selected = self._groups(group)
+        for group in selected:
             slow = group["params"]
             grads = self._pseudo_grads(group)
             lr, mu = group["lr"], group["momentum"]
@@ -132,10 +142,11 @@ class EMANesterov(OuterOptimizer):
         return emas
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - maths in the class docstring
+    def step(self, closure=None, group: int | None = None):  # noqa: D102 - maths: class doc
         if closure is not None:
             raise ValueError("outer optimisers take no closure")
-        for group in self.param_groups:
+        selected = self._groups(group)
+        for group in selected:
             slow = group["params"]
             grads = self._pseudo_grads(group)
             emas = self._emas(group)
@@ -151,19 +162,35 @@ class EMANesterov(OuterOptimizer):
                 torch._foreach_lerp_(emas, increments, 1.0 - group["gamma"])
             group["rounds"] += 1
 
-    def set_beta(self, beta: float) -> None:
-        """Set β_{t+1}, the lookahead coefficient of the next start point."""
-        for group in self.param_groups:
-            group["beta"] = float(beta)
+    def set_beta(self, beta: float, group: int | None = None) -> None:
+        """Set β_{t+1}, the lookahead coefficient of the next start point (of ``group``)."""
+        for g in self._groups(group):
+            g["beta"] = float(beta)
 
     @property
     def beta(self) -> float:
         return self.param_groups[0]["beta"]
 
     @torch.no_grad()
-    def add_lookahead(self, tensors: list[Tensor], sign: float = 1.0) -> None:
-        """tensors += sign·β·m (used to form s − φ without materialising s)."""
-        beta = self.beta
-        if beta != 0.0:
-            emas = [e for g in self.param_groups for e in self._emas(g)]
-            torch._foreach_add_(tensors, emas, alpha=sign * beta)
+    def add_lookahead(
+        self, tensors: list[Tensor], sign: float = 1.0, group: int | None = None
+    ) -> None:
+        """tensors += sign·β·m (used to form s − φ without materialising s).
+
+        ``tensors`` line up with :meth:`slow_tensors` (``group``); each param group adds its
+        own β (they differ only when fragments set β at different times).
+        """
+        groups = self._groups(group)
+        if len(groups) == 1:  # the common case: one call over every tensor
+            beta = groups[0]["beta"]
+            if beta != 0.0:
+                torch._foreach_add_(tensors, self._emas(groups[0]), alpha=sign * beta)
+            return
+        start = 0
+        for g in groups:
+            n = len(g["params"])
+            if g["beta"] != 0.0:
+                torch._foreach_add_(
+                    tensors[start : start + n], self._emas(g), alpha=sign * g["beta"]
+                )
+            start += n

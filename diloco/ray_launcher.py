@@ -130,6 +130,10 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def check_resources(plan: WorkerPlan, nodes: Sequence[Mapping[str, float]]) -> str | None:
     """Raise if the alive ``nodes`` (their total resources) cannot hold every worker.
 
@@ -143,32 +147,33 @@ def check_resources(plan: WorkerPlan, nodes: Sequence[Mapping[str, float]]) -> s
     need = plan.resources
 
     def capacity(node: Mapping[str, float]) -> int:
-        return min(int(node.get(r, 0.0) // amount + 1e-9) for r, amount in need.items())
+        return min(int(node.get(r, 0.0) / amount + 1e-9) for r, amount in need.items())
 
     caps = [capacity(n) for n in nodes]
     if sum(caps) >= plan.workers:
         per_node_groups = sum(c // plan.shards for c in caps)
         if plan.shards > 1 and per_node_groups < plan.groups:
             return (
-                f"the cluster's nodes hold only {per_node_groups} whole groups of "
-                f"{plan.shards} workers; some of the {plan.groups} groups will span nodes"
+                f"the cluster's nodes hold only {_count(per_node_groups, 'whole group')} of "
+                f"{plan.shards} workers: some of the {plan.groups} groups will span nodes "
+                "(their FSDP traffic crosses the network)"
             )
         return None
-    layout = f"{plan.groups} groups × {plan.shards} shards"
+    layout = f"{_count(plan.groups, 'group')} × {_count(plan.shards, 'shard')}"
     for r, amount in need.items():
         total = sum(n.get(r, 0.0) for n in nodes)
         wanted = amount * plan.workers
         if total < wanted:
-            unit = "GPUs" if r == "GPU" else "CPUs" if r == "CPU" else r
             raise RayResourceError(
-                f"needs {_fmt(wanted)} {unit} for {layout} ({_fmt(amount)} per worker), the "
+                f"needs {_fmt(wanted)} {r}s for {layout} ({_fmt(amount)} {r} per worker), the "
                 f"cluster has {_fmt(total)}; lower topology.groups/shards"
-                f"{' or --cpus-per-worker' if r == 'CPU' else ''} or add nodes"
+                f"{' or --cpus-per-worker' if r == 'CPU' else ''}, or add nodes"
             )
-    biggest = max((dict(n) for n in nodes), key=lambda n: n.get("CPU", 0.0), default={})
+    need_text = ", ".join(f"{_fmt(v)} {k}" for k, v in need.items())
     raise RayResourceError(
-        f"no node can hold a worker needing {need} for {layout} (largest node: "
-        f"{ {k: biggest.get(k, 0.0) for k in need} }); lower --cpus-per-worker or add nodes"
+        f"the cluster's nodes can hold only {sum(caps)} of the {plan.workers} workers for "
+        f"{layout} (each needs {need_text} on one node); lower --cpus-per-worker or "
+        "topology.groups/shards, or add nodes"
     )
 
 
@@ -186,9 +191,14 @@ def _import_ray():
     return ray
 
 
-#: Driver-side filter of forwarded worker log lines: without a dashboard (``ray[train]`` has
-#: none) Ray Train's placement-group cleaner warns every second that the State API is missing.
-QUIET_LINES = "Failed to query Ray Train Controller actor state"
+#: Forwarded worker log lines the driver skips (``RAY_DEDUP_LOGS_SKIP_REGEX``; set it, or
+#: ``RAY_DEDUP_LOGS=0``, to see everything): Ray Train's two INFO lines per report and worker,
+#: and, without a dashboard (``ray[train]`` has none), its placement-group cleaner's warning
+#: every second that the State API is missing.
+QUIET_LINES = (
+    r"Reporting training result \d+: |Checkpoint successfully created at: |"
+    r"Failed to query Ray Train Controller actor state"
+)
 
 
 def _ray_env(local: bool) -> None:
@@ -237,6 +247,7 @@ def _worker_env(plan: WorkerPlan) -> dict[str, str]:
             "OMP_NUM_THREADS", str(max(1, int(plan.cpus_per_worker)))
         ),
         "PYTHONUNBUFFERED": "1",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # diloco's stderr lines once, as written
     }
     env.update({k: v for k, v in os.environ.items() if k.startswith("DILOCO_")})
     return env
@@ -342,7 +353,6 @@ def _fit(
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
-        LoggingConfig,
         RunConfig,
         ScalingConfig,
     )
@@ -373,7 +383,6 @@ def _fit(
             storage_path=storage_path or str(ray_dir),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
-            logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report
             worker_runtime_env={"env_vars": _worker_env(plan)},
         ),
     )

@@ -72,6 +72,7 @@ class Runtime:
     mesh: DeviceMesh | None = None
     precision: str = "fp32"  # resolved compute precision: fp32 or bf16
     _sharded: bool = False
+    _owns_process_group: bool = False  # False when a launcher (e.g. Ray Train) created it
 
     @property
     def is_main(self) -> bool:
@@ -170,10 +171,10 @@ class Runtime:
         return torch.device("cpu")
 
     def close(self) -> None:
-        """Tear down the process group, if any."""
-        if self.mesh is not None and dist.is_initialized():
+        """Tear down the process group if this runtime created it."""
+        if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
-            self.mesh = None
+        self._owns_process_group = False
 
 
 def _set_threads(world_on_node: int) -> None:
@@ -182,8 +183,16 @@ def _set_threads(world_on_node: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_on_node)))
 
 
-def init_runtime(topology: TopologyConfig, device: str = "auto") -> Runtime:
+def init_runtime(
+    topology: TopologyConfig,
+    device: str = "auto",
+    compress: str = "none",
+    compress_block: int = 256,
+) -> Runtime:
     """The runtime of this process for ``topology``.
+
+    ``compress``/``compress_block`` (``outer.compress``, ``outer.compress_block``) configure how
+    the :class:`~diloco.reduce.MeshReducer` exchanges the pseudo-gradient (nothing with G = 1).
 
     One process (no WORLD_SIZE, or WORLD_SIZE = 1) with G·S = 1: no process group. Otherwise
     WORLD_SIZE must equal G·S (checked on every rank before any connection is made, so a wrong
@@ -216,7 +225,8 @@ def init_runtime(topology: TopologyConfig, device: str = "auto") -> Runtime:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     rank = int(os.environ["RANK"])
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a launcher may have set it up already (Ray Train)
+    if owns:
         dist.init_process_group(backend, timeout=timedelta(seconds=topology.timeout_s))
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -229,7 +239,8 @@ def init_runtime(topology: TopologyConfig, device: str = "auto") -> Runtime:
         groups=G,
         shard=rank % S,
         shards=S,
-        reducer=MeshReducer(mesh),
+        reducer=MeshReducer(mesh, compress=compress, block=compress_block),
         mesh=mesh,
         precision=precision,
+        _owns_process_group=owns,
     )

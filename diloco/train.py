@@ -4,7 +4,8 @@ The loop, one inner step at a time (every rank of every group runs the same code
 
 1. draw this group's batch (its own seeded stream) and keep this shard's rows;
 2. forward/backward on the fast weights, clip, ``DiLoCo.step()`` (inner step, and every K
-   steps the outer step), then the LR schedule;
+   steps the outer step), then the LR schedule (``inner.engine=deepspeed``: DeepSpeed's backward
+   and step, which clips; :mod:`diloco.engines.deepspeed`);
 3. every ``log_every`` steps a ``metrics.jsonl`` record; every ``eval_every`` steps the val
    loss of the slow weights θ;
 4. at the end of every ``checkpoint_every``-th round (and of the run) a checkpoint
@@ -44,10 +45,11 @@ from diloco.inner import build_inner_optimizer, build_scheduler
 from diloco.metrics import MetricsLogger, peak_rss_mb
 from diloco.models import GPT, GPTConfig
 from diloco.progress import ProgressBar
+from diloco.streaming import StreamingDiLoCo, streaming_options
 from diloco.topology import Runtime, init_runtime
 from diloco.wrapper import DiLoCo, SyncReport
 
-__all__ = ["train", "build_model", "build_diloco", "evaluate"]
+__all__ = ["train", "build_model", "build_inner", "build_diloco", "evaluate"]
 
 
 def build_model(cfg: Config, vocab_size: int) -> GPT:
@@ -72,9 +74,9 @@ def build_model(cfg: Config, vocab_size: int) -> GPT:
     )
 
 
-def build_diloco(cfg: Config, model: nn.Module, runtime: Runtime) -> tuple[DiLoCo, Any]:
-    """Inner optimiser, LR schedule and the DiLoCo wrapper for ``cfg``."""
-    i, o, steps = cfg.inner, cfg.outer, cfg.train.steps
+def build_inner(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """The inner optimiser over ``model``'s parameters and its LR schedule, for ``cfg``."""
+    i, steps = cfg.inner, cfg.train.steps
     inner = build_inner_optimizer(
         model,
         i.optimizer,
@@ -94,7 +96,22 @@ def build_diloco(cfg: Config, model: nn.Module, runtime: Runtime) -> tuple[DiLoC
         min_lr_ratio=i.min_lr_ratio,
         decay_frac=i.decay_frac,
     )
-    dl = DiLoCo(
+    return inner, scheduler
+
+
+def build_diloco(
+    cfg: Config, model: nn.Module, runtime: Runtime, inner: tuple[Any, Any] | None = None, **hooks
+) -> tuple[DiLoCo, Any]:
+    """Inner optimiser, LR schedule and the DiLoCo wrapper for ``cfg``.
+
+    ``inner``: an (inner optimiser, LR schedule) pair built elsewhere (default
+    :func:`build_inner`); ``hooks``: the wrapper's ``fast_tensors`` and ``after_fast_write``, for
+    an engine that keeps the fast weights itself (:mod:`diloco.engines.deepspeed`).
+    """
+    o, steps = cfg.outer, cfg.train.steps
+    inner, scheduler = build_inner(cfg, model) if inner is None else inner
+    streaming = streaming_options(o)  # {} unless outer.fragments/sync_delay/mix_alpha ask for it
+    dl = (StreamingDiLoCo if streaming else DiLoCo)(
         model,
         inner,
         outer=o.method,
@@ -110,6 +127,8 @@ def build_diloco(cfg: Config, model: nn.Module, runtime: Runtime) -> tuple[DiLoC
         reducer=runtime.reducer,
         offload=o.offload,
         max_bad_rounds=cfg.train.max_bad_rounds,
+        **streaming,
+        **hooks,
     )
     return dl, scheduler
 
@@ -164,15 +183,17 @@ def _round_fields(report: SyncReport) -> dict[str, float]:
 def _check_groups_agree(dl: DiLoCo, runtime: Runtime, last_ok: int) -> dict[str, float]:
     """Stop the job if θ differs between groups; returns ``theta_sumsq`` (Σθ², for the log).
 
-    ``last_ok`` is the round of the previous passing check (0: the start).
+    ``last_ok`` is the round of the previous passing check (the current round: the start).
     """
     try:
         sums = runtime.check_groups_agree(dl.slow_tensors() or dl.fast_tensors())
     except TopologyError as e:
-        raise TopologyError(
-            f"slow weights diverged between groups after round {dl.outer_steps} "
-            f"(last agreed at round {last_ok}): {e}"
-        ) from None
+        when = (
+            f"at the start (round {last_ok}): initialisation or restore differs"
+            if last_ok == dl.outer_steps
+            else f"after round {dl.outer_steps} (last agreed at round {last_ok})"
+        )
+        raise TopologyError(f"slow weights differ between groups {when}: {e}") from None
     return {"theta_sumsq": sums[0][1]}
 
 
@@ -181,8 +202,12 @@ def _save_final_model(model: nn.Module, dl: DiLoCo, runtime: Runtime, path: Path
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full_state_dict = getattr(dl.inner, "full_state_dict", None)  # DeepSpeed: its own gather
     with dl.slow_weights():
-        state = get_model_state_dict(model, options=options)
+        if full_state_dict is not None:
+            state = full_state_dict()
+        else:
+            state = get_model_state_dict(model, options=options)
     if runtime.is_main:
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
@@ -232,7 +257,11 @@ def train(
     newest checkpoint in ``run.out_dir`` if there is one, as a restarted torchrun job must).
     ``on_log``/``on_checkpoint``: see :data:`OnLog`, :data:`OnCheckpoint` (e.g. Ray reports).
     """
-    runtime = init_runtime(cfg.topology, cfg.run.device)
+    o = cfg.outer
+    runtime = init_runtime(cfg.topology, cfg.run.device, o.compress, o.compress_block)
+    if o.compress != "none" and runtime.groups == 1:
+        msg = f"outer.compress={o.compress} does nothing with one group (nothing is exchanged)"
+        warn(msg, runtime.is_main)
     try:
         return _train(cfg, runtime, resume, force, on_log, on_checkpoint)
     finally:
@@ -253,21 +282,31 @@ def _train(
         _prepare_out_dir(out_dir)
     seq_len = cfg.model.block_size
     corpus = load_corpus(cfg.data.source, seq_len)
-    model = runtime.parallelize(build_model(cfg, corpus.vocab_size), cfg.topology.mixed_precision)
-    dl, scheduler = build_diloco(cfg, model, runtime)
+    deepspeed = cfg.inner.engine == "deepspeed"
+    make_checkpointer: type[Checkpointer] = Checkpointer
+    if deepspeed:  # ZeRO within each group; model is the DeepSpeed engine
+        from diloco.engines.deepspeed import DeepSpeedCheckpointer, build_deepspeed
+
+        model, dl, scheduler = build_deepspeed(cfg, build_model(cfg, corpus.vocab_size), runtime)
+        make_checkpointer = DeepSpeedCheckpointer
+    else:
+        model = runtime.parallelize(
+            build_model(cfg, corpus.vocab_size), cfg.topology.mixed_precision
+        )
+        dl, scheduler = build_diloco(cfg, model, runtime)
     stream = BatchStream(
         corpus.train, cfg.data.batch_size, seq_len, cfg.run.seed, stream=runtime.group
     )
     val = eval_batches(corpus.val, cfg.data.batch_size, seq_len, cfg.train.eval_batches)
     torch.manual_seed(cfg.run.seed + 1000 * runtime.group + runtime.shard)  # dropout streams
-    ckpt = Checkpointer(cfg, runtime, model, dl, scheduler, stream)
+    ckpt = make_checkpointer(cfg, runtime, model, dl, scheduler, stream)
     resumed = ckpt.load(resume_from) if resume_from is not None else None
     first_step = resumed["step"] + 1 if resumed else 1
     if runtime.is_main:  # only now: a refused or failed resume leaves the run directory as it was
         dump_config(cfg, out_dir / "config.yaml")
     check = runtime.groups > 1
-    checked_round = 0
-    start_check = _check_groups_agree(dl, runtime, 0) if check else {}
+    checked_round = dl.outer_steps  # 0, or the round a resumed run restarts from
+    start_check = _check_groups_agree(dl, runtime, checked_round) if check else {}
 
     steps, tc = cfg.train.steps, cfg.train
     tokens_per_step = cfg.data.batch_size * seq_len * runtime.groups
@@ -294,9 +333,12 @@ def _train(
         x, y = shard_batch(x, y, runtime.shard, runtime.shards)
         with runtime.autocast():
             _, loss = model(x.to(runtime.device), y.to(runtime.device))
-        loss.backward()
+        if deepspeed:
+            dl.inner.backward(loss)  # reduces the gradients over the shards; its step clips
+        else:
+            loss.backward()
         faults.after_backward(step, dl, runtime.rank, runtime.world)  # test-only, env-driven
-        if cfg.inner.grad_clip:
+        if cfg.inner.grad_clip and not deepspeed:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.inner.grad_clip)
         lr = dl.inner.param_groups[-1]["lr"]
         report = dl.step()

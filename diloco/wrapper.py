@@ -15,7 +15,10 @@ the fast weights. Per round that is one elementwise pass to form Δ, the outer u
 into the fast weights; no parameter-sized temporary is allocated (except with ``offload``).
 
 All tensors are *local*: a plain parameter in one process, ``DTensor.to_local()`` (this rank's
-FSDP2 shard) when sharded, so nothing is gathered.
+FSDP2 shard) when sharded, so nothing is gathered. An engine that keeps its trainable weights
+elsewhere (DeepSpeed ZeRO: flat fp32 partitions inside its optimizer) passes ``fast_tensors``, a
+function returning them, and ``after_fast_write``, called whenever the wrapper has written them,
+so the engine can refresh the model's weights from them (:mod:`diloco.engines.deepspeed`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +74,9 @@ class DiLoCo:
 
     Args:
         model: the module whose parameters are the fast weights (plain or FSDP2-sharded).
-        inner_optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
+        inner_optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters (or an
+            object with the same ``step``, ``zero_grad``, ``param_groups``, ``state_dict`` and
+            ``load_state_dict``, such as an engine's adapter).
         outer: ``"nesterov"`` (DiLoCo/SNOO), ``"sgd"`` (Lookahead, μ = 0), ``"ema_nesterov"`` or
             ``"none"`` (plain inner optimiser: ``step`` is ``inner_optimizer.step``).
         sync_every: K, inner steps per round.
@@ -84,6 +89,12 @@ class DiLoCo:
         reducer: averages Δ across worker groups (default: one group, nothing sent).
         offload: ``"cpu"`` keeps θ and the outer state in host memory (pinned with CUDA).
         max_bad_rounds: consecutive non-finite rounds tolerated before :class:`NonFiniteError`.
+        fast_tensors: returns this rank's fast weights φ, the tensors the inner optimiser
+            updates (default: the local storage of ``model``'s trainable parameters). θ and the
+            outer state are shaped like them.
+        after_fast_write: called after the wrapper wrote into the fast weights (the restart
+            at a sync, entering and leaving :meth:`slow_weights`, :meth:`load_state_dict`), for
+            an engine whose model weights are a copy of them (default: nothing to do).
 
     β of the next start point is β_max · lr / initial_lr, read from the inner optimiser's first
     param group at the outer step (the LR of the step that closed the round).
@@ -106,6 +117,8 @@ class DiLoCo:
         reducer: PseudoGradientReducer | None = None,
         offload: str = "none",
         max_bad_rounds: int = 3,
+        fast_tensors: Callable[[], list[Tensor]] | None = None,
+        after_fast_write: Callable[[], None] | None = None,
     ):
         if outer not in ("nesterov", "sgd", "ema_nesterov", "none"):
             raise ValueError(f"outer must be nesterov, sgd, ema_nesterov or none; got {outer!r}")
@@ -132,6 +145,8 @@ class DiLoCo:
         self.bad_rounds = 0
         self._rounds = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._fast_provider = fast_tensors
+        self._after_fast_write = after_fast_write if after_fast_write is not None else _nothing
         self._initial_lr = inner_optimizer.param_groups[0].get(
             "initial_lr", inner_optimizer.param_groups[0]["lr"]
         )
@@ -141,7 +156,8 @@ class DiLoCo:
             return
         host = offload == "cpu"
         pin = host and torch.cuda.is_available()
-        slow = [self._clone_local(p, "cpu" if host else None, pin) for p in self.params]
+        sources = self.params if fast_tensors is None else fast_tensors()
+        slow = [self._clone_local(p, "cpu" if host else None, pin) for p in sources]
         if host:
             self._staging = [torch.empty_like(t, pin_memory=pin) for t in slow]
         lr = _default_outer_lr(outer) if outer_lr is None else outer_lr
@@ -166,7 +182,10 @@ class DiLoCo:
             reshard()
 
     def fast_tensors(self) -> list[Tensor]:
-        """This rank's fast weights φ (views of the model's parameter storage)."""
+        """This rank's fast weights φ (views of the model's parameter storage, or what the
+        ``fast_tensors`` function given to the constructor returns)."""
+        if self._fast_provider is not None:
+            return list(self._fast_provider())
         self._reshard()
         return [local_tensor(p) for p in self.params]
 
@@ -242,6 +261,7 @@ class DiLoCo:
         self.outer.write_start(work)  # skipped: the unchanged start point of this round
         if work is not fast:
             torch._foreach_copy_(fast, work, non_blocking=True)
+        self._after_fast_write()
         t3 = time.perf_counter()
         self._rounds += 1
         self.steps_in_round = 0
@@ -295,11 +315,13 @@ class DiLoCo:
         with torch.no_grad():
             backup = [t.clone() for t in self.fast_tensors()]
             torch._foreach_copy_(self.fast_tensors(), self.slow_tensors())
+            self._after_fast_write()
         try:
             yield self.model
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self.fast_tensors(), backup)
+                self._after_fast_write()
 
     def _fast_equals_slow(self) -> bool:
         at_start = self.steps_in_round == 0
@@ -352,6 +374,11 @@ class DiLoCo:
         else:
             self.outer.write_start(self._staging)
             torch._foreach_copy_(fast, self._staging)
+        self._after_fast_write()
+
+
+def _nothing() -> None:
+    """The default ``after_fast_write``: the fast weights are the model's own storage."""
 
 
 def _check_shapes(what: str, saved: list[Tensor], current: list[Tensor]) -> None:

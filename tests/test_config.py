@@ -425,6 +425,10 @@ RULES = {
         "data.batch_size (15) must be divisible by topology.shards (2): the group batch is split "
         "across the shards; e.g. data.batch_size=16",
     ),
+    "muon-needs-whole-matrices": (
+        {"inner.optimizer": "muon", "topology.shards": 2},
+        "inner.optimizer=muon with topology.shards=2: Muon orthogonalises whole weight matrices",
+    ),
     "betas-length-2": (
         {"inner.betas": [0.9]},
         "inner.betas must be two numbers [beta1, beta2], got [0.9]",
@@ -547,3 +551,33 @@ def test_fingerprint_ignores_train_steps_so_a_run_can_be_extended():
 )
 def test_fingerprint_changes_with_settings_that_change_the_maths(settings):
     assert config_fingerprint(config_from_dict(nested(settings))) != config_fingerprint(Config())
+
+
+# --- streaming fragments (diloco/streaming.py) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"outer.sync_every": 10, "outer.fragments": 4},
+            "outer.sync_every (10) must be divisible by outer.fragments (4): fragment i syncs at "
+            "offset (i+1)*sync_every/fragments; e.g. outer.sync_every=12",
+        ),
+        (
+            {"outer.sync_every": 16, "outer.fragments": 4, "outer.sync_delay": 4},
+            "outer.sync_delay (4) must be < outer.sync_every / outer.fragments (4): a fragment's "
+            "reduction must land before the next fragment's starts",
+        ),
+    ],
+    ids=["sync_every-divisible-by-fragments", "sync_delay-below-sync_every-over-fragments"],
+)
+def test_streaming_schedule_rules_name_both_values(settings, message):
+    assert error_for(settings).startswith(message)
+
+
+def test_streaming_schedule_at_its_limits_is_accepted():
+    cfg = config_from_dict(
+        nested({"outer.sync_every": 16, "outer.fragments": 4, "outer.sync_delay": 3})
+    )
+    assert (cfg.outer.fragments, cfg.outer.sync_delay) == (4, 3)

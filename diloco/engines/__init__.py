@@ -1,0 +1,1 @@
+"""Inner engines other than FSDP2 that can hold a group's fast weights (``inner.engine``)."""

@@ -1,0 +1,508 @@
+"""Streaming DiLoCo: fragments synchronised at staggered times, each reduction overlapped with
+τ further inner steps (arXiv 2501.18512, 2502.12996; torchft's ``DiLoCo(model_fragments=…,
+fragment_sync_delay=τ, fragment_update_alpha=α)`` is the public reference).
+
+**Fragments.** The trainable parameters are split into P fragments, from their *names* in
+``model.named_parameters()`` order (identical on every rank, whatever the sharding):
+
+* a parameter inside transformer block j (the first all-digit component of its dotted name,
+  e.g. ``blocks.3.attn.c_attn.weight`` → j = 3) goes to fragment j mod P (strided: fragment i
+  holds blocks i, i + P, i + 2P, …);
+* every other parameter (token and position embeddings — the tied LM head is the token
+  embedding — and the final norm) goes, in name order, to the fragment with the fewest elements
+  so far (ties: the lowest index), counting global shapes. The fragments' sizes stay as even as
+  whole tensors allow, so peak traffic is close to 1/P of a full sync.
+
+The outer optimiser gets one param group per fragment, so fragment i's outer state (momentum b,
+or EMA m with its own β and round count) is stepped only with fragment i
+(``outer.step(group=i)``); the maths is :mod:`diloco.outer`'s, unchanged.
+
+**Schedule** (exact). K = ``sync_every``, P = ``fragments``, τ = ``sync_delay``; K mod P = 0 and
+0 ≤ τ < K/P. n counts inner steps from the start of training. Fragment i has
+
+    apply offset  a_i = (i + 1)·K/P mod K     (the last fragment: 0, the period boundary)
+    start offset  o_i = (a_i − τ) mod K
+
+and after inner step n (in this order, each in fragment-index order, on every rank):
+
+1. every fragment with n mod K = o_i *starts*: Δ_i = s_i − φ_i(n) is formed into a separate
+   buffer (the fast weights keep training) and its average across groups is started
+   asynchronously (``reducer.start_average``);
+2. every fragment with n mod K = a_i that has an average in flight is *applied*: wait for the
+   average, outer step on θ_i with it, then the fast weights restart as
+   φ_i ← α·φ_i(n) + (1 − α)·s_i' (α = ``mix_alpha``; s_i' the new start point);
+3. if n mod K = 0 the period (a round: ``outer_steps`` counts them) ends and :meth:`step`
+   returns its :class:`SyncReport`.
+
+So fragment i's reduction runs during the τ inner steps n + 1 … n + τ after its start and is
+applied τ steps later. Since τ < K/P, at most one fragment is in flight at any time (one Δ
+buffer, sized like the largest fragment, serves all), and **none is in flight at a period
+boundary**: the last fragment is applied exactly there. Checkpoints are taken at period
+boundaries (``train.checkpoint_every`` counts periods), so they never hold a reduction in flight;
+they do hold the fast weights, which at a boundary differ from the start point (fragments
+applied earlier in the period kept training, and α > 0 mixes local weights in).
+
+With P = 1, τ = 0, α = 0 this is plain DiLoCo, op for op (same Δ, same collective, same outer
+step, same restart); tests check it bit for bit. With α = 0 and τ > 0 the τ local steps a
+fragment took while its average was in flight are dropped at the restart (as torchft with
+α = 0); α > 0 keeps that share of them.
+
+Every rank issues its fragments' collectives in the same fixed order (fragment-index order at the
+same step counts), so fragments cannot be reduced in different orders (torchft #206/#209);
+:attr:`StreamingDiLoCo.events` records ``(inner step, fragment, "start" | "apply")``.
+
+:meth:`StreamingDiLoCo.sync` (the end of a run on a partial period) applies a fragment in
+flight at once and synchronises, synchronously, each fragment whose apply offset lies ahead in
+this period; fragments applied earlier in the period are left as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diloco.errors import CheckpointError, DilocoError
+from diloco.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.reduce import PendingAverage, PseudoGradientReducer
+from diloco.wrapper import DiLoCo, NonFiniteError, SyncReport, _check_shapes
+
+__all__ = [
+    "StreamingDiLoCo",
+    "assign_fragments",
+    "fragment_schedule",
+    "start_average",
+    "streaming_enabled",
+    "streaming_options",
+]
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def streaming_enabled(outer: Any) -> bool:
+    """Whether an ``outer`` config section asks for :class:`StreamingDiLoCo`."""
+    return outer.fragments > 1 or outer.sync_delay > 0 or outer.mix_alpha > 0
+
+
+def block_index(name: str) -> int | None:
+    """The block a parameter belongs to: the first all-digit component of its name, or None."""
+    m = _BLOCK_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def assign_fragments(
+    names: Sequence[str], shapes: Sequence[Sequence[int]], fragments: int
+) -> list[int]:
+    """The fragment of each parameter (see the module docstring), from names and global shapes."""
+    if fragments < 1:
+        raise ValueError(f"fragments must be >= 1, got {fragments}")
+    numels = [math.prod(s) for s in shapes]
+    out = [-1] * len(names)
+    sizes = [0] * fragments
+    for k, name in enumerate(names):
+        j = block_index(name)
+        if j is not None:
+            out[k] = j % fragments
+            sizes[out[k]] += numels[k]
+    for k in range(len(names)):
+        if out[k] < 0:
+            out[k] = min(range(fragments), key=lambda i: (sizes[i], i))
+            sizes[out[k]] += numels[k]
+    return out
+
+
+def fragment_schedule(sync_every: int, fragments: int, sync_delay: int) -> list[tuple[int, int]]:
+    """``(start offset o_i, apply offset a_i)`` of each fragment, both in [0, K).
+
+    a_i = (i + 1)·K/P mod K and o_i = (a_i − τ) mod K. Raises ValueError unless K mod P = 0 and
+    0 ≤ τ < K/P.
+    """
+    K, P, tau = sync_every, fragments, sync_delay
+    if P < 1 or K % P:
+        raise ValueError(f"sync_every ({K}) must be divisible by fragments ({P})")
+    if not 0 <= tau < K // P:
+        raise ValueError(f"sync_delay ({tau}) must be in [0, sync_every / fragments = {K // P})")
+    return [(((i + 1) * K // P - tau) % K, (i + 1) * K // P % K) for i in range(P)]
+
+
+class _Ready:
+    """The handle of an average that was computed synchronously."""
+
+    def __init__(self, stats: dict[str, float]):
+        self.stats = stats
+
+    def wait(self) -> dict[str, float]:
+        return self.stats
+
+
+def start_average(
+    reducer: PseudoGradientReducer, tensors: list[Tensor], ids: Sequence[int]
+) -> PendingAverage:
+    """Start averaging ``tensors`` across groups; ``handle.wait()`` finishes it in place and
+    returns the reducer's stats. The one place the overlap touches the network: it uses the
+    reducer's asynchronous API (:meth:`diloco.reduce.MeshReducer.start_average`:
+    ``all_reduce(async_op=True)``, or the compressed two-phase exchange), and falls back to a
+    blocking ``average`` for a reducer without one (no overlap then)."""
+    start = getattr(reducer, "start_average", None)
+    if start is not None:
+        return start(tensors, ids)
+    return _Ready(reducer.average(tensors, ids))
+
+
+@dataclass
+class _InFlight:
+    """A fragment whose average has been started and not yet applied."""
+
+    handle: PendingAverage
+    step: int  # inner step after which it started
+    delta_s: float
+    launch_s: float
+
+
+@dataclass
+class _Period:
+    """What the fragments applied in the current period did (for its SyncReport)."""
+
+    sq: list[Tensor] = field(default_factory=list)  # per fragment: ‖Δ_i‖² (float64, all shards)
+    skipped: bool = False
+    delta_s: float = 0.0
+    reduce_s: float = 0.0
+    outer_s: float = 0.0
+    stats: list[dict[str, float]] = field(default_factory=list)
+
+
+class StreamingDiLoCo(DiLoCo):
+    """DiLoCo with P fragments synced at staggered offsets and τ-step overlapped reductions.
+
+    Takes :class:`~diloco.wrapper.DiLoCo`'s arguments plus:
+
+    Args:
+        fragments: P; K = ``sync_every`` must be divisible by it.
+        sync_delay: τ inner steps between starting a fragment's average and applying it
+            (0 ≤ τ < K/P; 0: synchronous).
+        mix_alpha: α in [0, 1]: at apply time φ_i ← α·φ_i + (1 − α)·s_i'.
+
+    Memory: besides DiLoCo's θ and outer state, one Δ buffer of the largest fragment's size
+    (≈ 1/P of the model for even fragments; the whole model for P = 1), plus the reducer's own
+    flat copy of the fragment while it is in flight. Fragments come from parameter names, so a
+    ``fast_tensors`` provider (an engine's flat partitions) only works with P = 1.
+
+    ``step()`` returns a report once per period (at n mod K = 0), summing over the fragments
+    applied in it: ``pseudo_grad_norm`` = sqrt(Σ_i ‖Δ_i‖²), ``skipped`` if any fragment's Δ was
+    non-finite (that fragment's outer step is skipped and its fast weights go back to its start
+    point), times summed, and reducer stats with ``bytes_sent`` summed over the fragments,
+    ``peak_bytes`` the largest single fragment's, ``fragments`` the count, other numbers
+    averaged over the fragments.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        *,
+        fragments: int = 1,
+        sync_delay: int = 0,
+        mix_alpha: float = 0.0,
+        **kwargs: Any,
+    ):
+        super().__init__(model, inner_optimizer, **kwargs)
+        if self.outer is None:
+            raise ValueError("streaming needs an outer step; outer='none' has none")
+        if not 0.0 <= mix_alpha <= 1.0:
+            raise ValueError(f"mix_alpha must be in [0, 1], got {mix_alpha}")
+        self.schedule = fragment_schedule(self.sync_every, fragments, sync_delay)
+        if fragments > 1 and self._fast_provider is not None:
+            raise ValueError(
+                "streaming fragments are cut from parameter names; with a fast_tensors provider "
+                "(e.g. DeepSpeed's flat partitions) only fragments=1 is supported"
+            )
+        self.fragments = fragments
+        self.sync_delay = sync_delay
+        self.mix_alpha = float(mix_alpha)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if fragments > 1:
+            of = assign_fragments(
+                [n for n, _ in named], [tuple(p.shape) for _, p in named], fragments
+            )
+        else:
+            of = [0] * len(self.outer.slow_tensors())
+        #: Parameter indices (model order) of each fragment.
+        self.fragment_params: list[list[int]] = [
+            [k for k, f in enumerate(of) if f == i] for i in range(fragments)
+        ]
+        self._slow = self.outer.slow_tensors()  # parameter order (one group so far)
+        self.outer = _per_fragment(self.outer, [
+            [self._slow[k] for k in idx] for idx in self.fragment_params
+        ])  # fmt: skip
+        self._staging = None  # DiLoCo's full-size offload staging: the Δ buffer replaces it
+        numels = [sum(self._slow[k].numel() for k in idx) for idx in self.fragment_params]
+        ref = self._slow[0]
+        self._buffer = torch.empty(max(numels), dtype=ref.dtype, device=ref.device)
+        self._views: list[list[Tensor]] = []
+        for idx in self.fragment_params:
+            views, at = [], 0
+            for k in idx:
+                t = self._slow[k]
+                views.append(self._buffer[at : at + t.numel()].view(t.shape))
+                at += t.numel()
+            self._views.append(views)
+        self._starts: dict[int, list[int]] = {}
+        self._applies: dict[int, list[int]] = {}
+        for i, (o, a) in enumerate(self.schedule):
+            self._starts.setdefault(o, []).append(i)
+            self._applies.setdefault(a, []).append(i)
+        self._in_flight: dict[int, _InFlight] = {}
+        self._period = _Period()
+        #: ``(inner step, fragment, "start" | "apply")`` in the order they happened.
+        self.events: list[tuple[int, int, str]] = []
+
+    # ------------------------------------------------------------------ views
+    def slow_tensors(self) -> list[Tensor]:
+        """This rank's slow weights θ, in parameter order (the outer groups are per fragment)."""
+        return list(self._slow)
+
+    @property
+    def in_flight(self) -> int:
+        """Fragments whose average has started and not been applied (0 at period boundaries)."""
+        return len(self._in_flight)
+
+    def fragment_numels(self) -> list[int]:
+        """Elements of each fragment on this rank (local shards)."""
+        return [sum(self._slow[k].numel() for k in idx) for idx in self.fragment_params]
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, closure: Any = None) -> SyncReport | None:
+        """One inner step, then the starts and applies due after it (module docstring)."""
+        loss = self.inner.step(closure) if closure is not None else self.inner.step()
+        del loss
+        self.inner_steps += 1
+        self.steps_in_round += 1
+        phase = self.inner_steps % self.sync_every
+        with torch.no_grad():
+            for i in self._starts.get(phase, ()):
+                self._start(i)
+            for i in self._applies.get(phase, ()):
+                if i in self._in_flight:
+                    self._apply(i)
+        return self._end_period() if phase == 0 else None
+
+    @torch.no_grad()
+    def sync(self) -> SyncReport | None:
+        """End the period now: apply the fragment in flight, then synchronise (start and apply
+        at once) every fragment whose apply offset is still ahead in this period, in index
+        order. A no-op (None) right after a period boundary."""
+        if self.steps_in_round == 0:
+            return None
+        phase = self.inner_steps % self.sync_every
+        for i, (_, a) in enumerate(self.schedule):
+            if i in self._in_flight:
+                self._apply(i)
+            elif phase < (a or self.sync_every):
+                self._start(i)
+                self._apply(i)
+        return self._end_period()
+
+    def _fast(self, i: int, fast: list[Tensor] | None = None) -> list[Tensor]:
+        fast = self.fast_tensors() if fast is None else fast
+        return [fast[k] for k in self.fragment_params[i]]
+
+    def _start(self, i: int) -> None:
+        """Δ_i = s_i − φ_i into the buffer (as DiLoCo forms it in place), start its average."""
+        t0 = time.perf_counter()
+        work = self._views[i]
+        torch._foreach_copy_(work, self._fast(i))
+        torch._foreach_mul_(work, -1.0)
+        torch._foreach_add_(work, self.outer.slow_tensors(i))
+        self.outer.add_lookahead(work, group=i)
+        t1 = time.perf_counter()
+        handle = start_average(self.reducer, work, self.fragment_params[i])
+        t2 = time.perf_counter()
+        self._in_flight[i] = _InFlight(handle, self.inner_steps, t1 - t0, t2 - t1)
+        self.events.append((self.inner_steps, i, "start"))
+
+    def _apply(self, i: int) -> None:
+        """Wait for fragment i's average, take its outer step, restart its fast weights."""
+        job = self._in_flight.pop(i)
+        t0 = time.perf_counter()
+        stats = job.handle.wait()
+        t1 = time.perf_counter()
+        work = self._views[i]
+        sq = self._squared_norm(work)
+        slow = self.outer.slow_tensors(i)
+        fast = self._fast(i)
+        if math.isfinite(float(sq)):
+            for p, d in zip(slow, work, strict=True):
+                p.grad = d
+            self.outer.step(group=i)
+            for p in slow:
+                p.grad = None
+            if isinstance(self.outer, EMANesterov):
+                self.outer.set_beta(self._next_beta(), group=i)
+            self._restart(i, fast)
+        else:  # skipped: back to the unchanged start point of this fragment
+            self._period.skipped = True
+            self.outer.write_start(fast, group=i)
+        self._after_fast_write()
+        t2 = time.perf_counter()
+        p = self._period
+        p.sq.append(sq)
+        p.delta_s += job.delta_s
+        p.reduce_s += job.launch_s + (t1 - t0)
+        p.outer_s += t2 - t1
+        p.stats.append(stats)
+        self.events.append((self.inner_steps, i, "apply"))
+
+    def _restart(self, i: int, fast: list[Tensor]) -> None:
+        """φ_i ← α·φ_i + (1 − α)·s_i' (α = 0: φ_i ← s_i', exactly)."""
+        if self.mix_alpha == 0.0:
+            self.outer.write_start(fast, group=i)
+            return
+        start = self._views[i]  # Δ_i is consumed: the buffer holds s_i' now
+        self.outer.write_start(start, group=i)
+        if start and start[0].device != fast[0].device:  # θ offloaded to the host
+            start = [s.to(f.device) for s, f in zip(start, fast, strict=True)]
+        torch._foreach_lerp_(fast, start, 1.0 - self.mix_alpha)
+
+    def _squared_norm(self, tensors: list[Tensor]) -> Tensor:
+        """‖Δ_i‖² over the whole fragment (this group's shards summed), float64 scalar; computed
+        as DiLoCo computes ‖Δ‖, so P = 1 reports the same norm bit for bit."""
+        if tensors:
+            sq = torch.stack(torch._foreach_norm(tensors)).double().square().sum()
+        else:
+            sq = torch.zeros((), dtype=torch.float64, device=self._buffer.device)
+        return self.reducer.sum_over_shards(sq)
+
+    def _end_period(self) -> SyncReport | None:
+        p, self._period = self._period, _Period()
+        self.steps_in_round = 0
+        if not p.sq:  # nothing was applied in this period (only after a user's early sync)
+            return None
+        self._rounds += 1
+        self.bad_rounds = self.bad_rounds + 1 if p.skipped else 0
+        norm = float(torch.stack(p.sq).sum().sqrt())
+        report = SyncReport(
+            round=self._rounds,
+            inner_steps=self.inner_steps,
+            pseudo_grad_norm=norm,
+            skipped=p.skipped,
+            beta=self.outer.beta if isinstance(self.outer, EMANesterov) else 0.0,
+            delta_s=p.delta_s,
+            reduce_s=p.reduce_s,
+            outer_s=p.outer_s,
+            reducer=_merge_stats(p.stats),
+        )
+        if p.skipped and self.bad_rounds >= self.max_bad_rounds:
+            raise NonFiniteError(
+                f"pseudo-gradient was non-finite for {self.bad_rounds} rounds in a row "
+                f"(last: round {self._rounds}); lower inner.lr or raise train.max_bad_rounds"
+            )
+        return report
+
+    # ------------------------------------------------------------------ evaluation
+    def _fast_equals_slow(self) -> bool:
+        return self.fragments == 1 and self.mix_alpha == 0.0 and super()._fast_equals_slow()
+
+    # ------------------------------------------------------------------ state
+    #: Checkpoints must store the fast weights: at a period boundary they are not the start point.
+    checkpoint_fast_weights = True
+
+    def _check_idle(self, what: str) -> None:
+        if self._in_flight:
+            raise DilocoError(
+                f"cannot {what} with fragment averages in flight (fragments "
+                f"{sorted(self._in_flight)}); do it at a period boundary (inner step mod "
+                f"sync_every == 0) or after sync()"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """DiLoCo's state plus the fast weights (always) and the streaming settings."""
+        self._check_idle("save the state")
+        sd = super().state_dict()
+        sd["fast"] = [t.clone() for t in self.fast_tensors()]
+        sd["streaming"] = {
+            "fragments": self.fragments,
+            "sync_delay": self.sync_delay,
+            "mix_alpha": self.mix_alpha,
+        }
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (or the checkpointer's equivalent); the fast weights
+        come from ``sd["fast"]`` when present, else restart at each fragment's start point."""
+        self._check_idle("load a state")
+        if sd.get("method") != self.method:
+            raise CheckpointError(
+                f"state is for outer method {sd.get('method')!r}, this run uses {self.method!r}"
+            )
+        _check_shapes("slow weights", sd["slow"], self.slow_tensors())
+        if "fast" in sd:
+            _check_shapes("fast weights", sd["fast"], self.fast_tensors())
+        groups = len(sd["outer"]["param_groups"])
+        if groups != self.fragments:
+            raise CheckpointError(
+                f"outer state has {groups} param groups (fragments), this run has {self.fragments}"
+            )
+        self.inner.load_state_dict(sd["inner"])
+        self.inner_steps = sd["inner_steps"]
+        self.steps_in_round = sd["steps_in_round"]
+        self._rounds = sd["rounds"]
+        self.bad_rounds = sd["bad_rounds"]
+        torch._foreach_copy_(self.slow_tensors(), sd["slow"])
+        self.outer.load_state_dict(sd["outer"])
+        fast = self.fast_tensors()
+        if "fast" in sd:
+            torch._foreach_copy_(fast, sd["fast"])
+        else:
+            for i in range(self.fragments):
+                self.outer.write_start(self._fast(i, fast), group=i)
+        self._period = _Period()
+        self._after_fast_write()
+
+
+def _per_fragment(outer: OuterOptimizer, groups: list[list[Tensor]]) -> OuterOptimizer:
+    """The same outer optimiser (same settings, no state yet) with one param group per
+    fragment."""
+    d = outer.defaults
+    params = [{"params": g} for g in groups]
+    if isinstance(outer, EMANesterov):
+        return EMANesterov(params, lr=d["lr"], gamma=d["gamma"], ema_init=d["ema_init"])
+    if isinstance(outer, Nesterov):
+        return Nesterov(params, lr=d["lr"], momentum=d["momentum"])
+    raise TypeError(f"streaming does not know outer optimiser {type(outer).__name__}")
+
+
+_SUMMED = ("bytes_sent", "buckets")
+
+
+def _merge_stats(stats: list[dict[str, float]]) -> dict[str, float]:
+    """One period's reducer stats from its fragments' (module docstring of the class)."""
+    stats = [s for s in stats if s]
+    if not stats:
+        return {}
+    out: dict[str, float] = {}
+    for key in stats[0]:
+        values = [s[key] for s in stats if key in s]
+        out[key] = sum(values) if key in _SUMMED else sum(values) / len(values)
+    if "bytes_sent" in out:
+        out["peak_bytes"] = max(s.get("bytes_sent", 0.0) for s in stats)
+    out["fragments"] = float(len(stats))
+    return out
+
+
+def streaming_options(outer: Any) -> dict[str, Any]:
+    """:class:`StreamingDiLoCo`'s extra arguments from an ``outer`` config section, or ``{}``
+    when it asks for plain DiLoCo (``fragments=1, sync_delay=0, mix_alpha=0``)."""
+    if not streaming_enabled(outer):
+        return {}
+    return {
+        "fragments": outer.fragments,
+        "sync_delay": outer.sync_delay,
+        "mix_alpha": outer.mix_alpha,
+    }

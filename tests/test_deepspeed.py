@@ -1,0 +1,224 @@
+"""Specification of DeepSpeed ZeRO as a group's inner engine (``inner.engine=deepspeed``).
+
+Real DeepSpeed under torchrun, on the CPU over gloo, tiny model (2 layers, width 32, 16 steps,
+K = 4, mid-round evaluations of θ at steps 6 and 12):
+
+* G=2 × S=2 with ZeRO-1, ZeRO-2 and ZeRO-3 follows the FSDP2 run of the same config: losses,
+  val losses, pseudo-gradient norms and final θ;
+* G=1 with ZeRO-2 is SNOO: equal to the plain single-process run (S=2 under torchrun, and S=1
+  as one process);
+* a run resumed from a DeepSpeed checkpoint (DeepSpeed's own save/load per group, plus θ and
+  the outer state) logs exactly what the uninterrupted run logged and ends with the same θ.
+
+Why ZeRO and FSDP2 are not bitwise equal: both average the gradient over the S shard ranks, but
+FSDP2 reduce-scatters each parameter while ZeRO reduces flat buckets of several parameters, and
+the gradient norm for clipping is summed over different pieces in a different order; AdamW
+itself runs on flat partitions instead of per-parameter tensors. These are float32 rounding
+differences (~1e-7 relative per step). Measured maximum absolute differences from the FSDP2 run
+over the 16 steps (losses, val losses, pseudo-gradient norms, θ): ZeRO-1 2.9e-6, ZeRO-2 2.9e-6,
+ZeRO-3 3.8e-6; the tests allow 2e-5.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_cli, run_torchrun, same_fields
+
+from diloco.errors import ConfigError
+from diloco.metrics import read_metrics
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs pip install -e '.[deepspeed]'"
+)
+
+STEPS, K = 16, 4
+TOLERANCE = 2e-5  # a few times the measured differences (module docstring)
+TIMEOUT_S = 300
+TINY = [
+    "model.n_layer=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "data.batch_size=8",
+    f"train.steps={STEPS}",
+    f"outer.sync_every={K}",
+    "outer.momentum=0.9",
+    "inner.warmup_steps=4",
+    "train.eval_every=6",  # mid-round: θ is swapped into the fast partitions and back
+    "train.eval_batches=2",
+    "train.log_every=2",
+    "run.device=cpu",
+    "run.progress=false",
+    "topology.backend=gloo",
+    "topology.mixed_precision=fp32",
+]
+G2S2 = ["topology.groups=2", "topology.shards=2"]
+CHECKPOINTS = ["train.checkpoint_every=2"]  # rounds 2 and 4: steps 8 and 16
+
+
+def zero(stage: int) -> list[str]:
+    return ["inner.engine=deepspeed", f"inner.zero_stage={stage}"]
+
+
+# name -> (processes, overrides); 1 process: ``python -m diloco train`` without torchrun.
+LAUNCHES = {
+    "fsdp2": (4, G2S2),
+    "zero1": (4, [*G2S2, *zero(1)]),
+    "zero2": (4, [*G2S2, *zero(2), *CHECKPOINTS]),
+    "zero3": (4, [*G2S2, *zero(3), *CHECKPOINTS]),
+    "zero2_g1s2": (2, ["topology.shards=2", *zero(2)]),
+    "zero2_g1s1": (1, zero(2)),
+    "snoo": (1, []),
+}
+
+
+def _env() -> dict[str, str]:
+    """DeepSpeed's JIT-compiled ops (none are built on this path) go to a stable cache."""
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+        Path.home() / ".cache" / "diloco_torch_extensions"
+    )
+    return {"TORCH_EXTENSIONS_DIR": cache, "DS_ACCELERATOR": "cpu"}
+
+
+class Runs:
+    """Starts every job of LAUNCHES (three at a time) and hands back their run directories."""
+
+    def __init__(self, root: Path, pool: ThreadPoolExecutor):
+        self.root = root
+        self.pool = pool
+        self.jobs: dict[str, Future] = {
+            name: pool.submit(self._launch, name, nproc, overrides, ())
+            for name, (nproc, overrides) in LAUNCHES.items()
+        }
+
+    def _launch(self, name: str, nproc: int, overrides: list[str], args: tuple[str, ...]) -> Path:
+        out = self.root / name
+        sets = [*TINY, *overrides, f"run.out_dir={out}"]
+        if nproc == 1:
+            flags = [a for o in sets for a in ("--set", o)]
+            result = run_cli("train", *flags, *args, env=_env(), timeout=TIMEOUT_S)
+        else:
+            result = run_torchrun(nproc, sets, *args, env=_env(), timeout=TIMEOUT_S)
+        assert result.returncode == 0, f"{name} failed:\n{result.stderr[-4000:]}"
+        return out
+
+    def get(self, name: str) -> Path:
+        return self.jobs[name].result()
+
+    def resumed(self, name: str, step: int) -> Path:
+        """Job ``name`` again in a new directory, resumed from its checkpoint at ``step``."""
+        key = f"{name}_resumed"
+        if key not in self.jobs:
+            ckpt = self.get(name) / "checkpoints" / f"step_{step}"
+            nproc, overrides = LAUNCHES[name]
+            args = ("--resume", str(ckpt))
+            self.jobs[key] = self.pool.submit(self._launch, key, nproc, overrides, args)
+        return self.get(key)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Iterator[Runs]:
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        yield Runs(tmp_path_factory.mktemp("deepspeed"), pool)
+
+
+def max_difference(a: Path, b: Path) -> float:
+    """Largest |a − b| over the logged losses, val losses, pseudo-gradient norms and final θ;
+    also checks that both runs logged the same records."""
+    ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    worst = 0.0
+    for x, y in zip(ra, rb, strict=True):
+        for key in ("loss", "val_loss", "pseudo_grad_norm"):
+            assert (key in x) == (key in y), (key, x["step"])
+            if key in x:
+                assert math.isfinite(x[key])
+                worst = max(worst, abs(x[key] - y[key]))
+    theta_a = torch.load(a / "final_model.pt", map_location="cpu")
+    theta_b = torch.load(b / "final_model.pt", map_location="cpu")
+    assert theta_a.keys() == theta_b.keys()
+    for name in theta_a:
+        assert theta_a[name].shape == theta_b[name].shape, name
+        worst = max(worst, float((theta_a[name] - theta_b[name]).abs().max()))
+    return worst
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_groups_follow_the_fsdp2_run(runs, stage):
+    """G=2 × S=2: ZeRO-1/2/3 give FSDP2's curves and θ up to float32 rounding (docstring)."""
+    assert max_difference(runs.get(f"zero{stage}"), runs.get("fsdp2")) < TOLERANCE
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_pseudo_gradient_traffic_is_this_ranks_partition(runs):
+    """The outer step works on 1/S of the model per rank: rank 0 sends 2(G−1)/G · 4 · P/S bytes
+    (P rounded up to ZeRO's partition padding), as FSDP2 does, not the full model."""
+    theta = torch.load(runs.get("zero2") / "final_model.pt", map_location="cpu")
+    del theta["lm_head.weight"]  # tied to wte.weight: one parameter
+    params = sum(t.numel() for t in theta.values())
+    rounds = [r for r in read_metrics(runs.get("zero2") / "metrics.jsonl") if "bytes_sent" in r]
+    assert len(rounds) == STEPS // K
+    for r in rounds:
+        per_rank = r["bytes_sent"] / (2 * (2 - 1) / 2 * 4)  # fp32 elements of rank 0's partition
+        assert params / 2 <= per_rank <= params / 2 + 64
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("shards", [2, 1])
+def test_one_zero2_group_is_snoo(runs, shards):
+    """G=1 with ZeRO-2 equals the plain single-process SNOO run (S=2 splits the batch over two
+    ranks: FSDP2-like rounding; S=1 is one process, DeepSpeed on a one-rank process group)."""
+    assert max_difference(runs.get(f"zero2_g1s{shards}"), runs.get("snoo")) < TOLERANCE
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_from_a_deepspeed_checkpoint_is_exact(runs, stage):
+    """Resumed at step 8 (the end of round 2) from DeepSpeed's per-group checkpoints plus θ and
+    the outer state: the same records from step 9 on, and bitwise the same final θ."""
+    full = runs.get(f"zero{stage}")
+    ckpt = full / "checkpoints" / "step_8"
+    assert {p.name for p in ckpt.iterdir()} >= {"meta.json", "outer", "group0", "group1"}
+    assert (ckpt / "group1" / "inner").is_dir()  # DeepSpeed's own files, one directory per group
+    resumed = runs.resumed(f"zero{stage}", 8)
+    after = [r for r in same_fields(full / "metrics.jsonl") if r["step"] > 8]
+    assert same_fields(resumed / "metrics.jsonl") == after
+    theta_full = torch.load(full / "final_model.pt", map_location="cpu")
+    theta_resumed = torch.load(resumed / "final_model.pt", map_location="cpu")
+    assert theta_full.keys() == theta_resumed.keys()
+    for name, t in theta_full.items():
+        assert torch.equal(theta_resumed[name], t), name
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_resume_with_another_shard_count_is_refused(runs, tmp_path):
+    """ZeRO partitions (and θ shaped like them) are laid out for S: another S is refused."""
+    ckpt = runs.get("zero2") / "checkpoints" / "step_8"
+    sets = [*TINY, *zero(2), *CHECKPOINTS, "topology.groups=2", f"run.out_dir={tmp_path}"]
+    result = run_torchrun(2, sets, "--resume", str(ckpt), env=_env(), timeout=TIMEOUT_S)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("diloco: error:")]
+    assert errors and all("topology.shards=2" in line for line in errors), result.stderr[-3000:]
+
+
+def test_missing_deepspeed_is_a_config_error(monkeypatch):
+    from diloco.engines.deepspeed import import_deepspeed
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[deepspeed\]'"):
+        import_deepspeed(torch.device("cpu"))
