@@ -93,7 +93,8 @@ def measure(launcher: str, out: Path, overrides: list[str], nproc: int) -> dict[
         ]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "diloco", "launch", "ray", *sets, "--address", "local"]
-    wall, seen, _ = _run(cmd)
+    wall, seen, log = _run(cmd)
+    (out / "launch.log").write_text(log)
     summary = json.loads((out / "summary.json").read_text())
     rounds = summary["steps"] // int(next(o for o in overrides if "sync_every" in o).split("=")[1])
     row = {

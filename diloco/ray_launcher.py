@@ -64,6 +64,9 @@ __all__ = [
 ]
 
 RAY_MISSING = "Ray is not installed; install it with: pip install -e '.[ray]'"
+#: Seconds between the Ray Train controller's polls of the workers, unless
+#: ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set (Ray's default, 2 s, holds every report up to 2 s).
+HEALTH_CHECK_INTERVAL_S = "0.5"
 #: Ray metrics reported on every log step (when present in the record).
 REPORTED = ("step", "outer_step", "loss", "val_loss", "tokens_per_s", "lr")
 
@@ -386,6 +389,9 @@ def _fit(
             worker_runtime_env={"env_vars": _worker_env(plan)},
         ),
     )
+    # Ray's controller polls each worker for one report per interval (default 2 s); this run
+    # reports once per log step. Ray passes the variable on to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     print(
         f"diloco: Ray run {name}: {plan.workers} workers ({plan.groups} groups × {plan.shards} "
         f"shards, {plan.resources} each, {plan.backend}); Ray connected in {init_s:.1f} s",
@@ -397,10 +403,11 @@ def _fit(
         trainer.fit()
     except Exception as e:
         raise _user_error(e, max_failures) from None
-    summary_path = out_dir / "summary.json"
+    summary_path = out_dir / "summary.json"  # rank 0's; the driver adds Ray's two timings
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     summary["ray_init_s"] = init_s
     summary["ray_fit_s"] = time.perf_counter() - t0
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -517,19 +524,28 @@ def choose_resume(
 
 
 class _RayReporter:
-    """``train()`` hooks that report metrics and checkpoints to Ray (called on every rank)."""
+    """``train()`` hooks that report metrics and checkpoints to Ray (called on every rank).
 
-    def __init__(self, rank: int, world: int, attempt: int):
+    Ray's controller takes one report per worker per health-check interval; a metrics-only
+    report is therefore handed over in the background (``CheckpointUploadMode.ASYNC``, still in
+    order) so that training does not wait for it, except the last one, which must not be lost
+    when the worker function returns. Checkpoint reports are synchronous: the next checkpoint
+    may prune this one's directory.
+    """
+
+    def __init__(self, rank: int, world: int, attempt: int, last_step: int):
         import ray.train
 
         self.train = ray.train
-        self.rank, self.world, self.attempt = rank, world, attempt
+        self.rank, self.world, self.attempt, self.last_step = rank, world, attempt, last_step
         self.last: dict[str, Any] = {}
 
     def on_log(self, record: dict[str, Any]) -> None:
         metrics = {k: record[k] for k in REPORTED if isinstance(record.get(k), (int, float))}
         self.last = metrics
-        self.train.report(metrics)
+        modes = self.train.CheckpointUploadMode
+        mode = modes.SYNC if record["step"] >= self.last_step else modes.ASYNC
+        self.train.report(metrics, checkpoint_upload_mode=mode)
 
     def on_checkpoint(self, path: Path) -> None:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
@@ -583,7 +599,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         resume, force = choose_resume(
             Path(cfg.run.out_dir), _ray_checkpoint_dir(), first, rank == 0
         )
-    reporter = _RayReporter(rank, world, attempt)
+    reporter = _RayReporter(rank, world, attempt, cfg.train.steps)
     try:
         train(cfg, resume=resume, force=force, on_log=reporter.on_log,
               on_checkpoint=reporter.on_checkpoint)  # fmt: skip

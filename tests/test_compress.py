@@ -309,6 +309,11 @@ REDUCER_SCRIPT = textwrap.dedent(
                 rounds.append({"mean": ts, "stats": stats})
             res = red.residuals([torch.empty(s) for s in SHAPES]) if mode != "none" else []
             out[mode, how] = {"rounds": rounds, "residuals": [e.clone() for e in res]}
+            if how == "sync":  # a non-finite round on group 0: NaN mean, residuals kept
+                ts = delta(9, g)
+                ts[3][0, 0] = float("nan") if g == 0 else 0.0
+                red.average(ts)
+                out[mode, "nan"] = {"mean": ts, "residuals": [e.clone() for e in res]}
     torch.save(out, f"{sys.argv[1]}/rank{g}.pt")
     dist.destroy_process_group()
     """
@@ -352,6 +357,12 @@ def test_mesh_reducer_rounds_match_the_simulation_on_every_group(reducer_runs, m
         assert stats["bytes_sent"] == sum(ref_bytes(n, G, mode, 16) for n in bucket_sizes)
         assert stats["buckets"] == 2
         assert ("residual_norm" in stats) == (mode != "none")
+    for run in reducer_runs:  # a round that is non-finite anywhere is NaN and leaves e as it was
+        assert torch.isnan(_flat(run[mode, "nan"]["mean"])).any()
+        for e, kept in zip(
+            run[mode, "sync"]["residuals"], run[mode, "nan"]["residuals"], strict=True
+        ):
+            assert torch.equal(e, kept)
     exact = [sum(_flat(_delta(r, g)) for g in range(G)) / G for r in range(3)]
     if mode == "none":
         for r in range(3):
@@ -458,12 +469,12 @@ def _shard0_numel(run: Path, shards: int) -> int:
 @pytest.mark.parametrize("name", ["int8", "bf16", "int8_s2", "bf16_s2"])
 def test_compressed_training_tracks_fp32_and_reports_exact_bytes(runs, name):
     """Runs (θ checksums agree across groups every round, or the job fails), val loss within
-    2% of the uncompressed run, bytes_sent per round the analytic count for rank 0's shard."""
+    0.5% of the uncompressed run, bytes_sent per round the analytic count for rank 0's shard."""
     compress, shards = name.split("_")[0], 2 if name.endswith("s2") else 1
     records = read_metrics(runs[name]() / "metrics.jsonl")
     base = read_metrics(runs["none"]() / "metrics.jsonl")
     final, ref = records[-1]["val_loss"], base[-1]["val_loss"]
-    assert math.isfinite(final) and abs(final - ref) <= 0.02 * ref, (final, ref)
+    assert math.isfinite(final) and abs(final - ref) <= 0.005 * ref, (final, ref)
     assert final < records[0]["val_loss"]
     numel = _shard0_numel(runs[name](), shards)
     rounds = [r for r in records if "pseudo_grad_norm" in r]

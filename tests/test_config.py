@@ -581,3 +581,10 @@ def test_streaming_schedule_at_its_limits_is_accepted():
         nested({"outer.sync_every": 16, "outer.fragments": 4, "outer.sync_delay": 3})
     )
     assert (cfg.outer.fragments, cfg.outer.sync_delay) == (4, 3)
+
+
+def test_int8_compression_block_defaults_to_256_and_must_be_at_least_8():
+    assert Config().outer.compress_block == 256
+    assert error_for({"outer.compress_block": 4}) == "outer.compress_block must be >= 8, got 4"
+    cfg = config_from_dict(nested({"outer.compress": "int8", "outer.compress_block": 64}))
+    assert (cfg.outer.compress, cfg.outer.compress_block) == ("int8", 64)

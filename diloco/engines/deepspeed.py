@@ -320,10 +320,9 @@ class DeepSpeedCheckpointer(Checkpointer):
                 yield name, torch.empty(getattr(p, "ds_shape", p.shape), device="meta")
 
     def _outer_state(self) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]:
-        shard = self.runtime.shard
-        slow = {f"shard{shard}.{i}": t for i, t in enumerate(self.dl.slow_tensors())}
-        state: dict[str, Any] = {"slow": slow}
-        buffers = _outer_buffers(self.dl.outer)
+        shard, theta = self.runtime.shard, self.dl.slow_tensors()
+        state: dict[str, Any] = {"slow": {f"shard{shard}.{i}": t for i, t in enumerate(theta)}}
+        buffers = _outer_buffers(self.dl.outer, theta)
         outer = {f"shard{shard}.{i}": b for i, b in enumerate(buffers) if b}
         if outer:
             state["outer"] = outer

@@ -1,0 +1,666 @@
+"""Benchmark: two worker groups joined only by a slow link — data parallel vs DiLoCo vs streaming.
+
+Two "sites" of one rank each train the same GPT; everything they exchange crosses one emulated
+link. Per method the script reports wall-clock per 1000 inner steps, bytes on the wire and the
+val loss after the same number of tokens:
+
+* ``dp``: plain data parallel across the link, the honest baseline: G = 1 group of S = 2 FSDP2
+  shards (``outer.method=none``), AdamW on the global batch; FSDP2 all-gathers the parameters
+  (forward and backward) and reduce-scatters the gradients every step — ZeRO-3 traffic,
+  ≈ 3·(S−1)/S·4·P bytes per rank per step (a DDP all-reduce would be 2·(S−1)/S·4·P). The group
+  batch is twice a DiLoCo group's, so every method sees the same tokens per step;
+* ``diloco``: G = 2 groups × S = 1, Nesterov outer step every K steps, fp32 all-reduce;
+* ``diloco_bf16``, ``diloco_int8``: the same with ``outer.compress`` (diloco/compress.py;
+  "pending" if this checkout cannot compress);
+* ``streaming``: the same as ``diloco`` with ``outer.fragments`` P and ``outer.sync_delay`` τ
+  (diloco/streaming.py): P fragments synced at staggered offsets, each overlapped with τ steps.
+
+**The link** (``--mechanism netns``, the default where permitted): network namespaces ``dl0``
+and ``dl1`` joined by a veth pair ``dlv0``/``dlv1`` with the link-local addresses
+169.254.77.1/30 and 169.254.77.2/30, a ``tc tbf`` rate limit (``--rate``, default 100mbit,
+burst 32kbit, latency 50ms) on both ends, and a ``netem`` delay (``--delay-ms``) only if this
+kernel has netem. Link-local addresses need no sysctl: 127.x would need
+``net.ipv4.conf.*.route_localnet=1`` to be routed over a veth, and a link-local pair is never
+routed beyond the link anyway. Only the two namespaces and their veth pair are created; the host's
+interfaces, routes and sysctls are not touched. One ``torchrun --nnodes 2`` node runs inside each
+namespace (``ip netns exec``), with ``GLOO_SOCKET_IFNAME`` set to its veth. Bytes on the wire are
+the veth's ``tx_bytes`` counters read before and after each run (rendezvous, evaluation and the
+final-model gather included; TCP/IP headers and ACKs included). Everything is set up by this
+script, bounded by timeouts, and torn down in ``finally`` (SIGINT/SIGTERM/SIGHUP included).
+
+**Fallback** (``--mechanism throttle``, used automatically when namespaces or tc are not
+permitted, and said so in the output): both nodes on 127.0.0.1, and inside every rank each
+``torch.distributed`` collective is charged to a per-rank uplink of ``--rate`` bytes/s: a
+transfer of B bytes (ring estimate: all-reduce 2(n−1)/n·B, all-gather (n−1)·B_in,
+reduce-scatter and all-to-all (n−1)/n·B_in) finishes at max(now, link free) + B/rate + delay.
+Synchronous collectives and FSDP2's all-gathers/reduce-scatters sleep until then; an async
+all-reduce/all-to-all/all-gather (DiLoCo's reducer) only waits for it in ``wait()``, so overlap
+is modelled. Bytes are then this model's count, not measured.
+
+Wall-clock per 1000 steps is measured over the windows of the ``metrics.jsonl`` records after
+the first round (evaluation excluded) and scaled to 1000 steps. Convergence: ``--converge-steps``
+(0: off) reruns every method on loopback without any link emulation (the losses do not depend on
+the link) for that many steps and reports the final val loss next to DiLoCo fp32's.
+
+    sudo python bench/slow_link.py                       # 128 timed steps, 100 Mbit/s
+    python bench/slow_link.py --methods diloco,streaming --steps 64 --converge-steps 0
+    python bench/slow_link.py --mechanism throttle       # no namespaces needed
+
+Prints a table, writes ``bench_results/slow_link.json`` (``--out``) and, with ``--docs FILE``,
+replaces the section between ``<!-- slow-link:start -->`` and ``<!-- slow-link:end -->`` in it.
+Timings are whatever this machine gives; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = ("dl0", "dl1")
+VETH = ("dlv0", "dlv1")
+ADDR = ("169.254.77.1", "169.254.77.2")
+PREFIX = 30
+METHODS = ("dp", "diloco", "diloco_bf16", "diloco_int8", "streaming")
+BASE = [
+    "run.device=cpu",
+    "run.progress=false",
+    "topology.backend=gloo",
+    "topology.mixed_precision=fp32",
+    "topology.timeout_s=180",
+    "model.n_layer=4",
+    "model.n_embd=128",
+    "model.n_head=4",
+    "model.block_size=64",
+    "inner.warmup_steps=16",
+    "train.eval_every=0",
+    "train.eval_batches=8",
+    "train.check_every=1000",
+]
+
+
+def method_overrides(method: str, K: int, P: int, tau: int, batch: int) -> list[str]:
+    """The ``--set`` overrides that make ``method`` (module docstring)."""
+    if method == "dp":
+        return [
+            "outer.method=none",
+            "topology.groups=1",
+            "topology.shards=2",
+            f"data.batch_size={2 * batch}",
+        ]
+    common = ["topology.groups=2", "topology.shards=1", f"outer.sync_every={K}",
+              f"data.batch_size={batch}"]  # fmt: skip
+    if method == "diloco":
+        return common
+    if method in ("diloco_bf16", "diloco_int8"):
+        return [*common, f"outer.compress={method.split('_')[1]}"]
+    if method == "streaming":
+        return [*common, f"outer.fragments={P}", f"outer.sync_delay={tau}"]
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def compression_available() -> bool:
+    """Whether this checkout's training job honours ``outer.compress`` (diloco/compress.py)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from diloco.topology import init_runtime
+
+        return "compress" in inspect.signature(init_runtime).parameters
+    except ImportError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# the emulated link
+
+
+def _run(cmd: list[str], timeout: float = 15, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {result.stderr.strip() or result.returncode}")
+    return result
+
+
+class Link:
+    """Two namespaces joined by a rate-limited veth pair; :meth:`close` removes them."""
+
+    def __init__(self, rate: str, delay_ms: float):
+        self.rate, self.delay_ms = rate, delay_ms
+        self.created: list[str] = []
+        self.netem = False
+        self.notes: list[str] = []
+
+    def open(self) -> None:
+        existing = _run(["ip", "netns", "list"]).stdout.split()
+        clash = [ns for ns in NS if ns in existing]
+        if clash:
+            raise RuntimeError(
+                f"network namespace(s) {', '.join(clash)} already exist (a killed run?); "
+                f"remove them with `ip netns del {' '.join(clash)}` and rerun"
+            )
+        for ns in NS:
+            _run(["ip", "netns", "add", ns])
+            self.created.append(ns)
+        _run(["ip", "link", "add", VETH[0], "netns", NS[0], "type", "veth",
+              "peer", "name", VETH[1], "netns", NS[1]])  # fmt: skip
+        for ns, dev, addr in zip(NS, VETH, ADDR, strict=True):
+            _run(["ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX}", "dev", dev])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(["ip", "-n", ns, "link", "set", dev, "up"])
+        tbf = ["tbf", "rate", self.rate, "burst", "32kbit", "latency", "50ms"]
+        for ns, dev in zip(NS, VETH, strict=True):
+            parent = ["root"]
+            if self.delay_ms > 0:
+                netem = _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:",
+                              "netem", "delay", f"{self.delay_ms}ms"], check=False)  # fmt: skip
+                if netem.returncode == 0:
+                    self.netem = True
+                    parent = ["parent", "1:", "handle", "2:"]
+                elif not self.notes:
+                    self.notes.append(
+                        f"netem is not available on this kernel ({netem.stderr.strip()}); "
+                        f"no delay added (asked for {self.delay_ms} ms)"
+                    )
+            _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, *parent, *tbf])
+
+    def tx_bytes(self) -> list[int]:
+        """Bytes each end has sent so far (``/sys/class/net/<veth>/statistics/tx_bytes``)."""
+        out = []
+        for ns, dev in zip(NS, VETH, strict=True):
+            counter = f"/sys/class/net/{dev}/statistics/tx_bytes"
+            out.append(int(_run(["ip", "netns", "exec", ns, "cat", counter]).stdout))
+        return out
+
+    def measure_throughput(self, megabytes: int = 4) -> float:
+        """MB/s of one TCP stream dl0 → dl1 (a sanity check of the emulated rate)."""
+        port = 29400
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", NS[1], sys.executable, "-c", _SINK.format(port=port)],
+            stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            time.sleep(1.0)
+            client = _run(["ip", "netns", "exec", NS[0], sys.executable, "-c",
+                           _SOURCE.format(addr=ADDR[1], port=port, n=megabytes)],
+                          timeout=120)  # fmt: skip
+            return float(client.stdout.strip())
+        finally:
+            _kill(server)
+
+    def close(self) -> None:
+        for ns in reversed(self.created):  # deleting a namespace deletes its veth end
+            _run(["ip", "netns", "del", ns], check=False)
+        self.created.clear()
+
+
+_SINK = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {port})); s.listen(1); s.settimeout(60)
+c, _ = s.accept()
+while c.recv(1 << 16): pass
+"""
+_SOURCE = """
+import socket, time
+c = socket.create_connection(("{addr}", {port}), timeout=60)
+block = b"x" * (1 << 20)
+t = time.perf_counter()
+for _ in range({n}): c.sendall(block)
+c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+print({n} / (time.perf_counter() - t))
+"""
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the process group this script started for ``proc`` (and only that)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------
+# the fallback: a bandwidth-throttled process group (installed inside each rank)
+
+
+class _Uplink:
+    """This rank's emulated uplink: transfers queue behind each other at ``rate`` bytes/s."""
+
+    def __init__(self, rate: float, delay_s: float):
+        self.rate, self.delay_s = rate, delay_s
+        self.free_at = 0.0
+        self.sent = 0.0
+        self.lock = threading.Lock()
+
+    def book(self, nbytes: float) -> float:
+        """Reserve the link for ``nbytes``; returns when the transfer is done."""
+        with self.lock:
+            now = time.perf_counter()
+            self.free_at = max(now, self.free_at) + nbytes / self.rate
+            self.sent += nbytes
+            return self.free_at + self.delay_s
+
+
+class _ThrottledWork:
+    """An async collective that is not done before its emulated transfer is."""
+
+    def __init__(self, work: Any, done_at: float):
+        self.work, self.done_at = work, done_at
+
+    def wait(self, *args: Any, **kwargs: Any) -> bool:
+        out = self.work.wait(*args, **kwargs)
+        time.sleep(max(0.0, self.done_at - time.perf_counter()))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.work, name)
+
+
+def install_throttle(rate: float, delay_s: float) -> _Uplink:
+    """Wrap torch.distributed's collectives so each is charged to this rank's uplink."""
+    import torch.distributed as dist
+
+    link = _Uplink(rate, delay_s)
+
+    def size(t: Any) -> float:
+        return float(t.numel() * t.element_size())
+
+    def ranks(group: Any) -> int:
+        return dist.get_world_size(group)
+
+    costs = {  # bytes this rank sends, by collective (ring estimates)
+        "all_reduce": lambda a, n: 2 * (n - 1) / n * size(a[0]),
+        "all_gather_into_tensor": lambda a, n: (n - 1) * size(a[1]),
+        "all_gather_single": lambda a, n: (n - 1) * size(a[1]),
+        "reduce_scatter_tensor": lambda a, n: (n - 1) / n * size(a[1]),
+        "reduce_scatter_single": lambda a, n: (n - 1) / n * size(a[1]),
+        "all_to_all_single": lambda a, n: (n - 1) / n * size(a[1]),
+        "broadcast": lambda a, n: size(a[0]),
+    }
+    overlap = {"all_reduce", "all_gather_into_tensor", "all_to_all_single"}  # .wait() only
+
+    def wrap(name: str, fn: Any, cost: Any) -> Any:
+        signature = inspect.signature(fn)
+
+        def throttled(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs).arguments  # in signature order
+            n = ranks(bound.get("group"))
+            done_at = link.book(cost(list(bound.values()), n)) if n > 1 else 0.0
+            work = fn(*args, **kwargs)
+            async_op = bool(bound.get("async_op"))
+            if async_op and name in overlap and work is not None:
+                return _ThrottledWork(work, done_at)
+            if work is not None:
+                work.wait()
+            time.sleep(max(0.0, done_at - time.perf_counter()))
+            return work if async_op else None
+
+        return throttled
+
+    for name, cost in costs.items():
+        if hasattr(dist, name):
+            setattr(dist, name, wrap(name, getattr(dist, name), cost))
+    return link
+
+
+def _throttled_worker(rate: float, delay_s: float, out: Path, argv: list[str]) -> None:
+    """Under torchrun (fallback): train with the throttle installed; rank r writes
+    ``throttle<r>.json`` with the bytes its uplink carried."""
+    sys.path.insert(0, str(ROOT))
+    link = install_throttle(rate, delay_s)
+    from diloco.cli import main
+
+    code = main(["train", *argv])
+    rank = int(os.environ.get("RANK", "0"))
+    (out / f"throttle{rank}.json").write_text(json.dumps({"sent": link.sent}))
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# running one method
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **(extra or {}),
+    }
+
+
+def launch(
+    out: Path, overrides: list[str], mechanism: str, timeout: float, rate: float, delay_s: float
+) -> None:
+    """Train once with two torchrun nodes (one rank each) over ``mechanism``: ``netns`` (one
+    node per namespace), ``throttle`` (loopback, throttled collectives) or ``loopback``.
+    Their stderr goes to ``out/node<k>.log``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("*.json*"), *out.glob("node*.log")]:
+        old.unlink()
+    sets = [a for o in [*overrides, f"run.out_dir={out}"] for a in ("--set", o)]
+    master, port = (ADDR[0], 29500) if mechanism == "netns" else ("127.0.0.1", _free_port())
+    procs: list[subprocess.Popen] = []
+    try:
+        for node in (0, 1):
+            prefix: list[str] = []
+            target = ["-m", "diloco", "train", *sets]
+            if mechanism == "netns":
+                prefix = ["ip", "netns", "exec", NS[node], "env",
+                          f"GLOO_SOCKET_IFNAME={VETH[node]}"]  # fmt: skip
+            elif mechanism == "throttle":
+                target = [str(Path(__file__).resolve()), "--throttled-worker", str(rate),
+                          str(delay_s), str(out), "--", *sets]  # fmt: skip
+            cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                   "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", master,
+                   "--master-port", str(port), *target]  # fmt: skip
+            with open(out / f"node{node}.log", "w") as log:
+                procs.append(
+                    subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=log,
+                                     start_new_session=True)
+                )  # fmt: skip
+        deadline = time.perf_counter() + timeout
+        errors = []
+        for node, proc in enumerate(procs):
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"node {node} still running after {timeout:.0f} s") from None
+            if proc.returncode != 0:
+                tail = (out / f"node{node}.log").read_text()[-2500:]
+                errors.append(f"node {node} exited {proc.returncode}:\n{tail}")
+        if errors:
+            raise RuntimeError("\n".join(errors))
+    finally:
+        for proc in procs:
+            _kill(proc)
+
+
+def per_step_seconds(records: list[dict], skip: int) -> float:
+    """Mean wall seconds per inner step over the logged windows after step ``skip``."""
+    seconds, steps, prev = 0.0, 0, None
+    for r in records:
+        if "tokens_per_s" not in r:
+            prev = r
+            continue
+        if prev is not None and r["step"] > skip and r["tokens_per_s"] > 0:
+            seconds += (r["tokens"] - prev["tokens"]) / r["tokens_per_s"]
+            steps += r["step"] - prev["step"]
+        prev = r
+    return seconds / steps if steps else float("nan")
+
+
+def read_records(run: Path) -> list[dict]:
+    sys.path.insert(0, str(ROOT))
+    from diloco.metrics import read_metrics
+
+    return read_metrics(run / "metrics.jsonl")
+
+
+def param_count(overrides: list[str]) -> int:
+    sys.path.insert(0, str(ROOT))
+    from diloco.config import load_config
+    from diloco.models import GPT, GPTConfig
+
+    m = load_config(None, overrides).model
+    return GPT(GPTConfig(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd)).num_params()
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+
+
+def table(rows: list[dict], mechanism: str) -> str:
+    wire = "veth tx MB/rank" if mechanism == "netns" else "throttle MB/rank"
+    head = (
+        f"| method | s / 1000 steps | vs DP | {wire} per 1000 steps | analytic MB/rank per "
+        "1000 steps | peak MB per sync | val loss (timed run) | val loss (convergence) | "
+        "Δ vs DiLoCo fp32 |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['method']} | {r.get('status')} |" + " |" * 7)
+            continue
+        conv = r.get("converge_val_loss")
+        delta = r.get("converge_delta")
+        lines.append(
+            f"| {r['method']} | {r['s_per_1000']:.0f} | {r['speedup_vs_dp']:.1f}x | "
+            f"{r['wire_mb_per_1000']:.1f} | {r['analytic_mb_per_1000']:.1f} | "
+            f"{r['peak_mb']:.2f} | {r['val_loss']:.4f} | "
+            f"{'' if conv is None else f'{conv:.4f}'} | "
+            f"{'' if delta is None else f'{delta:+.4f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(path: Path, text: str) -> None:
+    start, end = "<!-- slow-link:start -->", "<!-- slow-link:end -->"
+    doc = path.read_text()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {start} … {end} section to replace")
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def _rate_bytes(rate: str) -> float:
+    units = {"kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
+    for unit, scale in units.items():
+        if rate.lower().endswith(unit):
+            return float(rate[: -len(unit)]) * scale
+    raise SystemExit(f"--rate {rate!r}: use e.g. 100mbit")
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> None:
+    if "--throttled-worker" in sys.argv:
+        i = sys.argv.index("--throttled-worker")
+        rate, delay, out = float(sys.argv[i + 1]), float(sys.argv[i + 2]), Path(sys.argv[i + 3])
+        rest = sys.argv[i + 4 :]
+        _throttled_worker(rate, delay, out, rest[1:] if rest[:1] == ["--"] else rest)
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--mechanism", choices=("auto", "netns", "throttle"), default="auto")
+    p.add_argument("--rate", default="100mbit", help="link rate (tc syntax; default %(default)s)")
+    p.add_argument("--delay-ms", type=float, default=10.0, help="netem delay, where available")
+    p.add_argument("--steps", type=int, default=128, help="timed inner steps per method")
+    p.add_argument("--sync-every", type=int, default=32, help="K")
+    p.add_argument("--fragments", type=int, default=4, help="P for streaming")
+    p.add_argument("--sync-delay", type=int, default=2, help="τ for streaming")
+    p.add_argument("--batch", type=int, default=8, help="sequences per group per step")
+    p.add_argument("--converge-steps", type=int, default=256, help="0: no convergence runs")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default="bench_results/slow_link.json")
+    p.add_argument("--runs", default="runs/bench_slow_link", help="run directories")
+    p.add_argument("--docs", default=None, help="Markdown file whose slow-link section to fill")
+    args = p.parse_args()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    methods = [m for m in args.methods.split(",") if m]
+    K, P, tau = args.sync_every, args.fragments, args.sync_delay
+    rate = _rate_bytes(args.rate)
+    runs = Path(args.runs)
+    common = [*BASE, f"train.log_every={K // 2}", *args.overrides]
+    params = param_count([*common, *method_overrides("diloco", K, P, tau, args.batch)])
+    can_compress = compression_available()
+
+    mechanism, notes = args.mechanism, []
+    link = Link(args.rate, args.delay_ms)
+    rows: list[dict[str, Any]] = []
+    try:
+        if mechanism in ("auto", "netns"):
+            try:
+                if os.geteuid() != 0:
+                    raise RuntimeError("not root")
+                link.open()
+                mechanism = "netns"
+                notes += link.notes
+                mbps = link.measure_throughput()
+                notes.append(
+                    f"netns + veth + tc tbf rate {args.rate} "
+                    f"({'with' if link.netem else 'without'} netem delay); one TCP stream "
+                    f"dl0 → dl1 measured {mbps:.2f} MB/s ({8 * mbps:.0f} Mbit/s)"
+                )
+            except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError) as e:
+                link.close()
+                if args.mechanism == "netns":
+                    raise SystemExit(f"slow_link: cannot set up the emulated link: {e}") from None
+                mechanism = "throttle"
+                notes.append(
+                    f"network namespaces / tc not permitted here ({e}); FALLBACK: the "
+                    "bandwidth-throttled process-group wrapper on loopback"
+                )
+        if mechanism == "throttle" and not notes:
+            notes.append(f"bandwidth-throttled process-group wrapper at {args.rate} (asked for)")
+        print(f"slow_link: {'; '.join(notes)}", file=sys.stderr, flush=True)
+
+        for method in methods:
+            row: dict[str, Any] = {"method": method}
+            rows.append(row)
+            if method.startswith("diloco_") and not can_compress:
+                row["status"] = "pending (outer.compress not in this checkout)"
+                continue
+            overrides = [*common, *method_overrides(method, K, P, tau, args.batch),
+                         f"train.steps={args.steps}"]  # fmt: skip
+            run = runs / "timed" / method
+            before = link.tx_bytes() if mechanism == "netns" else [0, 0]
+            t0 = time.perf_counter()
+            try:
+                launch(run, overrides, mechanism, args.timeout, rate, args.delay_ms / 1e3)
+            except (RuntimeError, TimeoutError) as e:
+                row["status"] = f"failed: {str(e).splitlines()[0]}"
+                print(f"slow_link: {method}: {e}", file=sys.stderr, flush=True)
+                continue
+            wall = time.perf_counter() - t0
+            if mechanism == "netns":
+                after = link.tx_bytes()
+                wire = [a - b for a, b in zip(after, before, strict=True)]
+            else:
+                wire = [json.loads((run / f"throttle{r}.json").read_text())["sent"] for r in (0, 1)]
+            records = read_records(run)
+            per_step = per_step_seconds(records, skip=K)
+            rounds = [r for r in records if "pseudo_grad_norm" in r]
+            analytic = sum(r.get("bytes_sent", 0.0) for r in rounds)
+            peak = max((r.get("peak_bytes", r.get("bytes_sent", 0.0)) for r in rounds), default=0)
+            if method == "dp":  # FSDP2 ZeRO-3 estimate: 2 all-gathers + 1 reduce-scatter
+                analytic = args.steps * 3 * (2 - 1) / 2 * 4 * params
+                peak = analytic / args.steps  # it syncs every step
+            scale = 1000 / args.steps
+            row.update(
+                status="ok",
+                steps=args.steps,
+                wall_s=wall,
+                s_per_step=per_step,
+                s_per_1000=1000 * per_step,
+                wire_bytes_per_rank=sum(wire) / 2,
+                wire_mb_per_1000=sum(wire) / 2 * scale / 1e6,
+                analytic_bytes_per_rank=analytic,
+                analytic_mb_per_1000=analytic * scale / 1e6,
+                peak_mb=peak / 1e6,
+                val_loss=records[-1]["val_loss"],
+                overrides=overrides,
+            )
+            print(f"slow_link: {method}: {1000 * per_step:.0f} s / 1000 steps, "
+                  f"{row['wire_mb_per_1000']:.1f} MB/rank per 1000 steps on the wire "
+                  f"({wall:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+        dp = next((r for r in rows if r["method"] == "dp" and r.get("status") == "ok"), None)
+        for r in rows:
+            if r.get("status") == "ok":
+                r["speedup_vs_dp"] = dp["s_per_step"] / r["s_per_step"] if dp else float("nan")
+    finally:
+        link.close()
+
+    if args.converge_steps:
+        for row in rows:
+            if row.get("status") != "ok":
+                continue
+            overrides = [*row["overrides"][:-1], f"train.steps={args.converge_steps}"]
+            run = runs / "converge" / row["method"]
+            try:
+                launch(run, overrides, "loopback", args.timeout, rate, 0.0)
+            except (RuntimeError, TimeoutError) as e:
+                row["converge_status"] = f"failed: {str(e).splitlines()[0]}"
+                continue
+            row["converge_steps"] = args.converge_steps
+            row["converge_val_loss"] = read_records(run)[-1]["val_loss"]
+            print(f"slow_link: {row['method']}: val loss {row['converge_val_loss']:.4f} after "
+                  f"{args.converge_steps} steps", file=sys.stderr, flush=True)  # fmt: skip
+        ref = next((r for r in rows if r["method"] == "diloco" and "converge_val_loss" in r), None)
+        for row in rows:
+            if ref is not None and "converge_val_loss" in row:
+                row["converge_delta"] = row["converge_val_loss"] - ref["converge_val_loss"]
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from diloco.config import load_config
+
+    tokens = args.batch * load_config(None, common).model.block_size * 2
+    meta = {
+        "mechanism": mechanism,
+        "notes": notes,
+        "rate": args.rate,
+        "delay_ms": args.delay_ms if (mechanism == "throttle" or link.netem) else 0.0,
+        "steps": args.steps,
+        "converge_steps": args.converge_steps,
+        "sync_every": K,
+        "fragments": P,
+        "sync_delay": tau,
+        "params": params,
+        "tokens_per_step": tokens,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+    }
+    text = table(rows, mechanism)
+    header = (
+        f"P = {params:,} parameters, {tokens:,} tokens per step (both sites), K = {K}, "
+        f"streaming P = {P}, τ = {tau}; {args.steps} timed steps per method scaled to 1000; "
+        f"link: {'; '.join(notes)}; convergence: "
+        + (
+            f"{args.converge_steps} steps per method on loopback (same configs)"
+            if args.converge_steps
+            else "off"
+        )
+    )
+    print(header)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    if args.docs:
+        write_docs(Path(args.docs), f"{header}\n\n{text}")
+        print(f"updated {args.docs}")
+    if any(math.isnan(r.get("s_per_step", 0.0)) for r in rows):
+        print("slow_link: some runs logged too few windows; raise --steps", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
