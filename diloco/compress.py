@@ -53,7 +53,9 @@ from torch import Tensor
 
 __all__ = [
     "COMPRESS_METHODS",
+    "BF16Codec",
     "Codec",
+    "Int8Codec",
     "ErrorFeedback",
     "bytes_sent",
     "dequantize_int8",
