@@ -58,6 +58,8 @@ __all__ = [
     "WorkerPlan",
     "add_arguments",
     "check_resources",
+    "choose_resume",
+    "fit_error",
     "launch_ray",
     "plan_workers",
     "run_from_args",
@@ -402,7 +404,7 @@ def _fit(
     try:
         trainer.fit()
     except Exception as e:
-        raise _user_error(e, max_failures) from None
+        raise fit_error(e, max_failures) from None
     summary_path = out_dir / "summary.json"  # rank 0's; the driver adds Ray's two timings
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     summary["ray_init_s"] = init_s
@@ -411,7 +413,7 @@ def _fit(
     return summary
 
 
-def _user_error(e: BaseException, max_failures: int) -> DilocoError:
+def fit_error(e: BaseException, max_failures: int) -> DilocoError:
     """One line for a failed ``fit()``: a worker's DilocoError as it is, else what died where."""
     failures = getattr(e, "worker_failures", None) or {}
     for _rank, err in sorted(failures.items()):
@@ -526,26 +528,25 @@ def choose_resume(
 class _RayReporter:
     """``train()`` hooks that report metrics and checkpoints to Ray (called on every rank).
 
-    Ray's controller takes one report per worker per health-check interval; a metrics-only
-    report is therefore handed over in the background (``CheckpointUploadMode.ASYNC``, still in
-    order) so that training does not wait for it, except the last one, which must not be lost
-    when the worker function returns. Checkpoint reports are synchronous: the next checkpoint
-    may prune this one's directory.
+    Every ``report`` is a barrier over the workers (through a Ray actor). Ray's controller then
+    takes one report per worker per health-check interval, so a metrics-only report is handed
+    over in the background (``CheckpointUploadMode.ASYNC``: still in order, and flushed by Ray
+    when the worker function returns) and training does not wait for the controller. A
+    checkpoint report is synchronous (it waits for the reports before it): the next checkpoint
+    may prune this one's directory, so Ray's copy must be complete before training goes on.
     """
 
-    def __init__(self, rank: int, world: int, attempt: int, last_step: int):
+    def __init__(self, rank: int, world: int, attempt: int):
         import ray.train
 
         self.train = ray.train
-        self.rank, self.world, self.attempt, self.last_step = rank, world, attempt, last_step
+        self.rank, self.world, self.attempt = rank, world, attempt
         self.last: dict[str, Any] = {}
 
     def on_log(self, record: dict[str, Any]) -> None:
         metrics = {k: record[k] for k in REPORTED if isinstance(record.get(k), (int, float))}
         self.last = metrics
-        modes = self.train.CheckpointUploadMode
-        mode = modes.SYNC if record["step"] >= self.last_step else modes.ASYNC
-        self.train.report(metrics, checkpoint_upload_mode=mode)
+        self.train.report(metrics, checkpoint_upload_mode=self.train.CheckpointUploadMode.ASYNC)
 
     def on_checkpoint(self, path: Path) -> None:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
@@ -599,7 +600,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         resume, force = choose_resume(
             Path(cfg.run.out_dir), _ray_checkpoint_dir(), first, rank == 0
         )
-    reporter = _RayReporter(rank, world, attempt, cfg.train.steps)
+    reporter = _RayReporter(rank, world, attempt)
     try:
         train(cfg, resume=resume, force=force, on_log=reporter.on_log,
               on_checkpoint=reporter.on_checkpoint)  # fmt: skip

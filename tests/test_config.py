@@ -588,3 +588,90 @@ def test_int8_compression_block_defaults_to_256_and_must_be_at_least_8():
     assert error_for({"outer.compress_block": 4}) == "outer.compress_block must be >= 8, got 4"
     cfg = config_from_dict(nested({"outer.compress": "int8", "outer.compress_block": 64}))
     assert (cfg.outer.compress, cfg.outer.compress_block) == ("int8", 64)
+
+
+# --- inner.engine: DeepSpeed ZeRO ----------------------------------------------------------------
+
+
+def test_inner_engine_defaults_to_fsdp2_with_zero_stage_2_and_no_passthrough():
+    inner = Config().inner
+    assert (inner.engine, inner.zero_stage, inner.deepspeed) == ("fsdp2", 2, {})
+
+
+def test_deepspeed_passthrough_is_a_plain_copy_that_round_trips(tmp_path):
+    passthrough = {"zero_optimization": {"overlap_comm": False}, "wall_clock_breakdown": True}
+    settings = {"inner.engine": "deepspeed", "inner.zero_stage": 3, "inner.deepspeed": passthrough}
+    cfg = config_from_dict(nested(settings))
+    assert cfg.inner.deepspeed == passthrough and cfg.inner.deepspeed is not passthrough
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(str(tmp_path / "resolved.yaml")) == cfg
+    assert config_fingerprint(cfg) != config_fingerprint(Config())
+
+
+def test_deepspeed_passthrough_from_the_command_line():
+    overrides = [
+        "inner.engine=deepspeed",
+        "inner.deepspeed={zero_optimization: {overlap_comm: no}}",
+    ]
+    assert load_config(None, overrides).inner.deepspeed == {
+        "zero_optimization": {"overlap_comm": False}
+    }
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"inner.zero_stage": 0}, "inner.zero_stage must be one of 1, 2, 3, got 0"),
+        ({"inner.engine": "zero"}, "inner.engine must be one of fsdp2, deepspeed; got 'zero'"),
+        ({"inner.deepspeed": [1]}, "inner.deepspeed must be a mapping of JSON values"),
+        (
+            {"inner.deepspeed": {"bf16": {"enabled": True}}},
+            "inner.deepspeed is set but inner.engine is fsdp2",
+        ),
+        (
+            {"inner.engine": "deepspeed", "inner.optimizer": "muon"},
+            "inner.optimizer=muon is not supported with inner.engine=deepspeed",
+        ),
+        (
+            {"inner.engine": "deepspeed", "outer.fragments": 2},
+            "outer.fragments=2 (streaming) is not supported with inner.engine=deepspeed",
+        ),
+        (
+            {"inner.engine": "deepspeed", "inner.deepspeed": {"zero_optimization": 2}},
+            "inner.deepspeed.zero_optimization must be a mapping",
+        ),
+    ],
+    ids=[
+        "stage",
+        "engine",
+        "not-a-mapping",
+        "fsdp2-with-passthrough",
+        "muon",
+        "streaming",
+        "zero_optimization-not-a-mapping",
+    ],
+)
+def test_deepspeed_settings_are_validated(settings, message):
+    assert error_for(settings).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "passthrough, key, source",
+    [
+        ({"train_batch_size": 32}, "train_batch_size", "data.batch_size"),
+        ({"optimizer": {"type": "Adam"}}, "optimizer", "inner.optimizer"),
+        ({"gradient_clipping": 0.5}, "gradient_clipping", "inner.grad_clip"),
+        ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage", "inner.zero_stage"),
+    ],
+)
+def test_deepspeed_keys_diloco_sets_itself_are_refused_by_name(passthrough, key, source):
+    message = error_for({"inner.engine": "deepspeed", "inner.deepspeed": passthrough})
+    assert message.startswith(f"inner.deepspeed.{key} is set by diloco (from {source}")
+
+
+def test_tiny_deepspeed_2x2_is_the_tiny_diloco_2x2_run_with_zero2():
+    deepspeed = load_config(str(ROOT / "configs" / "tiny_deepspeed_2x2_cpu.yaml"))
+    fsdp2 = load_config(str(ROOT / "configs" / "tiny_diloco_2x2_cpu.yaml"))
+    assert (deepspeed.inner.engine, deepspeed.inner.zero_stage) == ("deepspeed", 2)
+    inner = dataclasses.replace(deepspeed.inner, engine="fsdp2")
+    assert dataclasses.replace(deepspeed, run=fsdp2.run, inner=inner) == fsdp2

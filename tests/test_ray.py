@@ -23,11 +23,14 @@ from helpers import child_env, run_cli, run_torchrun, same_fields, sets
 
 from diloco import faults
 from diloco.config import load_config
+from diloco.errors import DataError
 from diloco.metrics import read_metrics
 from diloco.ray_launcher import (
+    RayLaunchError,
     RayResourceError,
     check_resources,
     choose_resume,
+    fit_error,
     plan_workers,
 )
 
@@ -55,12 +58,15 @@ TINY = [
     "topology.groups=2",
 ]
 TIMEOUT_S = 420
+# Three jobs share two busy cores here: give Ray Train's worker group more than its default 60 s
+# to start (imports in every worker process) before it counts a failed start.
+RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 
 
 def ray_launch(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli(
         "launch", "ray", *sets([*TINY, f"run.out_dir={out}"]), "--address", "local", *args,
-        env=env, timeout=TIMEOUT_S,
+        env={**RAY_ENV, **(env or {})}, timeout=TIMEOUT_S,
     )  # fmt: skip
 
 
@@ -212,3 +218,19 @@ def test_an_unreadable_ray_checkpoint_is_skipped(tmp_path, capsys):
     broken.mkdir(parents=True)
     assert choose_resume(run, broken, (None, False), True) == (None, False)
     assert "ignoring the checkpoint Ray handed back" in capsys.readouterr().err
+
+
+def test_a_workersfit_error_ends_the_job_with_its_own_line():
+    from ray.train import WorkerGroupError
+
+    wrapped = RuntimeError("worker 1 failed")
+    wrapped.__cause__ = DataError("text corpus /x does not exist or is not a file; fix data.source")
+    failed = WorkerGroupError("…", {0: RuntimeError("peer closed"), 1: wrapped})
+    err = fit_error(failed, 2)
+    assert isinstance(err, DataError) and "fix data.source" in str(err)
+    crash = fit_error(WorkerGroupError("…", {1: RuntimeError("killed by signal 9")}), 2)
+    assert isinstance(crash, RayLaunchError)
+    assert str(crash) == (
+        "Ray workers failed after 2 restart(s) (--max-failures); rank 1: RuntimeError: "
+        "killed by signal 9"
+    )

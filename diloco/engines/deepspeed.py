@@ -70,6 +70,19 @@ __all__ = [
 
 #: The DeepSpeed tag of every group's inner-state checkpoint (``group<g>/inner/``).
 CHECKPOINT_TAG = "inner"
+#: ZeRO optimiser internals the fast-weight views and refresh use, per stage (DeepSpeed 0.19).
+_INTERNALS = {
+    1: ("single_partition_of_fp32_groups", "update_lp_params"),
+    2: ("single_partition_of_fp32_groups", "update_lp_params"),
+    3: (
+        "fp32_partitioned_groups_flat",
+        "fp16_partitioned_groups_flat",
+        "persistent_parameters",
+        "_partition_all_parameters",
+        "_reassign_or_swap_out_partitioned_parameters",
+        "invalidate_secondary_tensor",
+    ),
+}
 
 
 def import_deepspeed(device: torch.device) -> Any:
@@ -164,8 +177,17 @@ class DeepSpeedInner:
         self.engine = engine
         self.optimizer = engine.optimizer  # the ZeRO optimiser around the torch one
         self.stage = engine.zero_optimization_stage()
-        if self.stage not in (1, 2, 3):
+        if self.stage not in _INTERNALS:
             raise ConfigError(f"inner.zero_stage must be 1, 2 or 3, got {self.stage}")
+        missing = [a for a in _INTERNALS[self.stage] if not hasattr(self.optimizer, a)]
+        if missing:
+            import deepspeed
+
+            raise ConfigError(
+                f"DeepSpeed {deepspeed.__version__}'s ZeRO-{self.stage} optimiser has no "
+                f"{', '.join(missing)}; diloco's DeepSpeed engine was written for 0.19 "
+                "(pip install 'deepspeed>=0.19,<0.20')"
+            )
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
