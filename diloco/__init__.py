@@ -1,7 +1,16 @@
 """diloco: low-communication two-loop training (DiLoCo, SNOO, EMA-Nesterov) for PyTorch."""
 
 from diloco.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.streaming import StreamingDiLoCo
 from diloco.wrapper import DiLoCo, NonFiniteError, SyncReport
 
-__all__ = ["DiLoCo", "SyncReport", "NonFiniteError", "OuterOptimizer", "Nesterov", "EMANesterov"]
+__all__ = [
+    "DiLoCo",
+    "StreamingDiLoCo",
+    "SyncReport",
+    "NonFiniteError",
+    "OuterOptimizer",
+    "Nesterov",
+    "EMANesterov",
+]
 __version__ = "0.1.0"

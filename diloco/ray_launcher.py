@@ -307,7 +307,8 @@ def launch_ray(
         raise RayLaunchError(f"--max-failures must be >= 0, got {max_failures}")
     resume, force = _prepare_resume(cfg, resume, force)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    local = address == "local"
+    connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    local = address == "local" and not connected  # a private Ray, started (and stopped) here
     _ray_env(local)
     if local:
         gpus = _local_gpus()

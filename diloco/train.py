@@ -208,10 +208,12 @@ def _save_final_model(model: nn.Module, dl: DiLoCo, runtime: Runtime, path: Path
             state = full_state_dict()
         else:
             state = get_model_state_dict(model, options=options)
-    if runtime.is_main:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        # Written inside the block: unsharded, ``state`` holds views of the parameters, which
+        # get the fast weights back on exit (they differ from θ with streaming fragments).
+        if runtime.is_main:
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            tmp.replace(path)
 
 
 def _maybe_checkpoint(

@@ -70,8 +70,29 @@ def ray_launch(out: Path, *args: str, env: dict | None = None) -> subprocess.Com
     )  # fmt: skip
 
 
+def on_small_cluster(out: Path) -> subprocess.CompletedProcess:
+    """``diloco launch ray`` for a 2×2 job in a driver already connected to a 1-CPU Ray."""
+    argv = ["launch", "ray", *sets([*TINY, "topology.shards=2", f"run.out_dir={out}"])]
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        import ray
+        ray.init(num_cpus=1, include_dashboard=False, object_store_memory=128 * 2**20,
+                 _temp_dir=f"/tmp/ray-{{os.getuid()}}")
+        from diloco.cli import main
+        code = main({argv!r})
+        ray.shutdown()
+        sys.exit(code)
+    """)
+    return subprocess.run(
+        [sys.executable, "-c", script], env=child_env(), capture_output=True, text=True,
+        timeout=TIMEOUT_S,
+    )  # fmt: skip
+
+
 class Jobs:
-    """The torchrun baseline, the Ray run and the Ray run with a killed worker, side by side."""
+    """The torchrun baseline, the Ray run, the Ray run with a killed worker and the job that is
+    too big for its cluster, side by side."""
 
     def __init__(self, root: Path, pool: ThreadPoolExecutor):
         self.root = root
@@ -87,17 +108,21 @@ class Jobs:
                 "1",
                 env={faults.RAY_EXIT_AFTER_ROUND: "2"},  # rank 1 exits after step 8's checkpoint
             ),
+            "small_cluster": pool.submit(on_small_cluster, root / "small_cluster"),
         }
 
+    def result(self, name: str) -> subprocess.CompletedProcess:
+        return self._jobs[name].result()
+
     def get(self, name: str) -> tuple[Path, subprocess.CompletedProcess]:
-        proc = self._jobs[name].result()
+        proc = self.result(name)
         assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-6000:]}"
         return self.root / name, proc
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory) -> Iterator[Jobs]:
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:
         yield Jobs(tmp_path_factory.mktemp("ray"), pool)
 
 
@@ -153,28 +178,14 @@ def test_asking_for_more_gpus_than_the_machine_has_fails_at_once(tmp_path):
     )
 
 
-def test_asking_for_more_cpus_than_a_running_cluster_has_fails_at_once(tmp_path):
+def test_asking_for_more_cpus_than_a_running_cluster_has_fails_at_once(jobs):
     """A real 1-CPU Ray cluster and a 2×2 job: one line, exit 2, no wait for resources."""
-    script = textwrap.dedent(f"""
-        import os, sys
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        import ray
-        ray.init(num_cpus=1, include_dashboard=False, object_store_memory=128 * 2**20,
-                 _temp_dir=f"/tmp/ray-{{os.getuid()}}")
-        from diloco.cli import main
-        code = main({["launch", "ray", *sets([*TINY, "topology.shards=2", f"run.out_dir={tmp_path}"])]!r})
-        ray.shutdown()
-        sys.exit(code)
-    """)  # noqa: E501
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=child_env(), capture_output=True, text=True,
-        timeout=180,
-    )  # fmt: skip
+    proc = jobs.result("small_cluster")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert (
+    assert proc.stderr.strip().splitlines()[-1] == (
         "diloco: error: needs 4 CPUs for 2 groups × 2 shards (1 CPU per worker), the cluster "
         "has 1; lower topology.groups/shards or --cpus-per-worker, or add nodes"
-    ) in proc.stderr
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +231,7 @@ def test_an_unreadable_ray_checkpoint_is_skipped(tmp_path, capsys):
     assert "ignoring the checkpoint Ray handed back" in capsys.readouterr().err
 
 
-def test_a_workersfit_error_ends_the_job_with_its_own_line():
+def test_a_worker_user_error_ends_the_job_with_its_own_line():
     from ray.train import WorkerGroupError
 
     wrapped = RuntimeError("worker 1 failed")

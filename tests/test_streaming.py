@@ -27,13 +27,14 @@ from helpers import child_env, free_port
 from diloco import faults
 from diloco.checkpoint import list_checkpoints, read_meta
 from diloco.config import load_config
+from diloco.data import eval_batches, load_corpus
 from diloco.errors import DilocoError
 from diloco.metrics import read_metrics
 from diloco.models import GPT, GPTConfig
 from diloco.streaming import StreamingDiLoCo, assign_fragments, fragment_schedule
-from diloco.train import train
+from diloco.topology import Runtime
+from diloco.train import evaluate, train
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, K = 16, 4
 TINY = [
     "model.n_layer=2",
@@ -244,6 +245,19 @@ def test_one_fragment_without_delay_is_plain_diloco_bit_for_bit(tmp_path, monkey
     assert_same_theta(tmp_path / "plain", tmp_path / "stream")
 
 
+def test_final_model_holds_theta_not_the_fast_weights(tmp_path):
+    """With P=2 and α > 0 the fast weights differ from θ at the end; final_model.pt is θ (its
+    val loss is the logged final one)."""
+    out = tmp_path / "run"
+    summary = single(out, "outer.fragments=2", "outer.sync_delay=1", "outer.mix_alpha=0.5")
+    cfg = load_config(out / "config.yaml")
+    model = GPT(GPTConfig(**vars(cfg.model)))
+    model.load_state_dict(torch.load(out / "final_model.pt", weights_only=True))
+    corpus = load_corpus(cfg.data.source, cfg.model.block_size)
+    val = eval_batches(corpus.val, cfg.data.batch_size, cfg.model.block_size, 2)
+    assert evaluate(model, val, Runtime(device=torch.device("cpu"))) == summary["final_val_loss"]
+
+
 class Crash(Exception):
     pass
 
@@ -298,6 +312,7 @@ WORKER = textwrap.dedent(
     import torch.distributed as dist
     import diloco.train as T
     from diloco.config import load_config
+from diloco.data import eval_batches, load_corpus
 
     out, overrides = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")
