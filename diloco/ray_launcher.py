@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -375,7 +376,8 @@ def _fit(
             "resume": resume,
             "force": force,
             "cwd": os.getcwd(),
-            "attempts_file": str(ray_dir / f"{name}.attempts"),
+            "ray_dir": str(ray_dir),
+            "run_name": name,
         },
         torch_config=TorchConfig(backend=plan.backend, timeout_s=cfg.topology.timeout_s),
         scaling_config=ScalingConfig(
@@ -406,6 +408,8 @@ def _fit(
         trainer.fit()
     except Exception as e:
         raise fit_error(e, max_failures) from None
+    finally:  # snapshots whose upload a failure cut short
+        shutil.rmtree(ray_dir / f"{name}.staging", ignore_errors=True)
     summary_path = out_dir / "summary.json"  # rank 0's; the driver adds Ray's two timings
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     summary["ray_init_s"] = init_s
@@ -526,22 +530,37 @@ def choose_resume(
     return chosen, chosen_force
 
 
+def stage_checkpoint(path: Path, staging: Path) -> Path:
+    """A copy of checkpoint directory ``path`` under ``staging`` made of hard links: instant,
+    and it survives the pruning or renaming of ``path`` (checkpoint files are never rewritten).
+    Falls back to a real copy where hard links are not possible (another filesystem)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    dest = staging / f"{path.name}-{time.time_ns()}"
+    try:
+        shutil.copytree(path, dest, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(path, dest)
+    return dest
+
+
 class _RayReporter:
     """``train()`` hooks that report metrics and checkpoints to Ray (called on every rank).
 
-    Every ``report`` is a barrier over the workers (through a Ray actor). Ray's controller then
-    takes one report per worker per health-check interval, so a metrics-only report is handed
+    Every ``report`` is a barrier over the workers (through a Ray actor), after which Ray's
+    controller takes one report per worker per health-check interval. So every report is handed
     over in the background (``CheckpointUploadMode.ASYNC``: still in order, and flushed by Ray
-    when the worker function returns) and training does not wait for the controller. A
-    checkpoint report is synchronous (it waits for the reports before it): the next checkpoint
-    may prune this one's directory, so Ray's copy must be complete before training goes on.
+    when the worker function returns) and training waits for neither the controller nor the
+    copy of a checkpoint to Ray's storage. Rank 0 reports a hard-linked snapshot of the
+    checkpoint (:func:`stage_checkpoint`), which Ray copies and then deletes, so the copy is
+    whole even if the training loop prunes the checkpoint meanwhile.
     """
 
-    def __init__(self, rank: int, world: int, attempt: int):
+    def __init__(self, rank: int, world: int, attempt: int, staging: Path):
         import ray.train
 
         self.train = ray.train
-        self.rank, self.world, self.attempt = rank, world, attempt
+        self.rank, self.world, self.attempt, self.staging = rank, world, attempt, staging
         self.last: dict[str, Any] = {}
 
     def on_log(self, record: dict[str, Any]) -> None:
@@ -552,8 +571,16 @@ class _RayReporter:
     def on_checkpoint(self, path: Path) -> None:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         metrics = {**self.last, "step": meta["step"], "round": meta["round"]}
-        ckpt = self.train.Checkpoint.from_directory(str(path)) if self.rank == 0 else None
-        self.train.report(metrics, checkpoint=ckpt)
+        ckpt = None
+        if self.rank == 0:
+            staged = stage_checkpoint(path, self.staging)
+            ckpt = self.train.Checkpoint.from_directory(str(staged))
+        self.train.report(
+            metrics,
+            checkpoint=ckpt,
+            checkpoint_upload_mode=self.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
         faults.after_ray_checkpoint(meta["round"], self.rank, self.world, self.attempt)
 
 
@@ -593,7 +620,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _report_placement(rank, cfg.topology.shards)
-    attempt = _count_attempt(Path(config["attempts_file"]), rank)
+    ray_dir, name = Path(config["ray_dir"]), config["run_name"]
+    attempt = _count_attempt(ray_dir / f"{name}.attempts", rank)
     first = (config["resume"], config["force"])
     if attempt == 0:
         resume, force = first
@@ -601,7 +629,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         resume, force = choose_resume(
             Path(cfg.run.out_dir), _ray_checkpoint_dir(), first, rank == 0
         )
-    reporter = _RayReporter(rank, world, attempt)
+    reporter = _RayReporter(rank, world, attempt, ray_dir / f"{name}.staging")
     try:
         train(cfg, resume=resume, force=force, on_log=reporter.on_log,
               on_checkpoint=reporter.on_checkpoint)  # fmt: skip

@@ -72,15 +72,17 @@ def zero(stage: int) -> list[str]:
 
 
 # name -> (processes, overrides); 1 process: ``python -m diloco train`` without torchrun.
+# In start order: the runs that are resumed first, so that their resumed runs start early.
 LAUNCHES = {
-    "fsdp2": (4, G2S2),
-    "zero1": (4, [*G2S2, *zero(1)]),
     "zero2": (4, [*G2S2, *zero(2), *CHECKPOINTS]),
     "zero3": (4, [*G2S2, *zero(3), *CHECKPOINTS]),
+    "fsdp2": (4, G2S2),
+    "zero1": (4, [*G2S2, *zero(1)]),
     "zero2_g1s2": (2, ["topology.shards=2", *zero(2)]),
     "zero2_g1s1": (1, zero(2)),
     "snoo": (1, []),
 }
+RESUME_AT = 8  # the checkpoint at the end of round 2 of the runs with CHECKPOINTS
 
 
 def _env() -> dict[str, str]:
@@ -96,11 +98,12 @@ class Runs:
 
     def __init__(self, root: Path, pool: ThreadPoolExecutor):
         self.root = root
-        self.pool = pool
-        self.jobs: dict[str, Future] = {
-            name: pool.submit(self._launch, name, nproc, overrides, ())
-            for name, (nproc, overrides) in LAUNCHES.items()
-        }
+        self.jobs: dict[str, Future] = {}
+        for name, (nproc, overrides) in LAUNCHES.items():
+            self.jobs[name] = pool.submit(self._launch, name, nproc, overrides, ())
+            if name == "zero3":  # queue the resumed runs right after the runs they resume
+                for base in ("zero2", "zero3"):
+                    self.jobs[f"{base}_resumed"] = pool.submit(self._resume, base)
 
     def _launch(self, name: str, nproc: int, overrides: list[str], args: tuple[str, ...]) -> Path:
         out = self.root / name
@@ -116,15 +119,11 @@ class Runs:
     def get(self, name: str) -> Path:
         return self.jobs[name].result()
 
-    def resumed(self, name: str, step: int) -> Path:
-        """Job ``name`` again in a new directory, resumed from its checkpoint at ``step``."""
-        key = f"{name}_resumed"
-        if key not in self.jobs:
-            ckpt = self.get(name) / "checkpoints" / f"step_{step}"
-            nproc, overrides = LAUNCHES[name]
-            args = ("--resume", str(ckpt))
-            self.jobs[key] = self.pool.submit(self._launch, key, nproc, overrides, args)
-        return self.get(key)
+    def _resume(self, name: str) -> Path:
+        """Job ``name`` again in a new directory, resumed from its checkpoint at RESUME_AT."""
+        ckpt = self.get(name) / "checkpoints" / f"step_{RESUME_AT}"
+        nproc, overrides = LAUNCHES[name]
+        return self._launch(f"{name}_resumed", nproc, overrides, ("--resume", str(ckpt)))
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +192,11 @@ def test_resume_from_a_deepspeed_checkpoint_is_exact(runs, stage):
     """Resumed at step 8 (the end of round 2) from DeepSpeed's per-group checkpoints plus θ and
     the outer state: the same records from step 9 on, and bitwise the same final θ."""
     full = runs.get(f"zero{stage}")
-    ckpt = full / "checkpoints" / "step_8"
+    ckpt = full / "checkpoints" / f"step_{RESUME_AT}"
     assert {p.name for p in ckpt.iterdir()} >= {"meta.json", "outer", "group0", "group1"}
     assert (ckpt / "group1" / "inner").is_dir()  # DeepSpeed's own files, one directory per group
-    resumed = runs.resumed(f"zero{stage}", 8)
-    after = [r for r in same_fields(full / "metrics.jsonl") if r["step"] > 8]
+    resumed = runs.get(f"zero{stage}_resumed")
+    after = [r for r in same_fields(full / "metrics.jsonl") if r["step"] > RESUME_AT]
     assert same_fields(resumed / "metrics.jsonl") == after
     theta_full = torch.load(full / "final_model.pt", map_location="cpu")
     theta_resumed = torch.load(resumed / "final_model.pt", map_location="cpu")
@@ -213,7 +212,7 @@ def test_resume_with_another_shard_count_is_refused(runs):
     before anything is loaded."""
     from diloco.engines.deepspeed import DeepSpeedCheckpointer
 
-    ckpt = runs.get("zero2") / "checkpoints" / "step_8"
+    ckpt = runs.get("zero2") / "checkpoints" / f"step_{RESUME_AT}"
     checkpointer = DeepSpeedCheckpointer.__new__(DeepSpeedCheckpointer)
     checkpointer.runtime = SimpleNamespace(shards=1)
     with pytest.raises(CheckpointError, match="has 2 shards per group, this run has 1"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,7 @@ from diloco.ray_launcher import (
     choose_resume,
     fit_error,
     plan_workers,
+    stage_checkpoint,
 )
 
 pytest.importorskip("ray")
@@ -245,3 +247,13 @@ def test_a_worker_user_error_ends_the_job_with_its_own_line():
         "Ray workers failed after 2 restart(s) (--max-failures); rank 1: RuntimeError: "
         "killed by signal 9"
     )
+
+
+def test_a_staged_checkpoint_survives_the_pruning_of_the_original(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path / "run" / "checkpoints" / "step_8", 8)
+    (ckpt / "outer").mkdir()
+    (ckpt / "outer" / "shard.distcp").write_bytes(b"theta")
+    staged = stage_checkpoint(ckpt, tmp_path / "run" / "ray" / "r.staging")
+    shutil.rmtree(ckpt)  # what Checkpointer._prune does to an old checkpoint
+    assert (staged / "outer" / "shard.distcp").read_bytes() == b"theta"
+    assert json.loads((staged / "meta.json").read_text())["step"] == 8

@@ -100,9 +100,11 @@ def import_deepspeed(device: torch.device) -> Any:
             "pip install -e '.[deepspeed]'"
         ) from None
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    # DeepSpeed 0.19 calls the torch 2.13-deprecated name on every all-gather: not ours to fix.
+    # DeepSpeed 0.19 calls collectives by names torch 2.13 deprecates, warning on every call.
     warnings.filterwarnings(
-        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+        "ignore",
+        message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
     )
     return deepspeed
 
