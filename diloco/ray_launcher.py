@@ -17,8 +17,9 @@ What Ray adds over ``torchrun`` and what it does not change:
   ``outer_step``, ``loss``, ``tokens_per_s``, ``lr`` and ``val_loss`` when measured (rank 0's
   values reach the Ray dashboard).
 * **Checkpoints and restarts.** After each DCP checkpoint (``RUN_DIR/checkpoints/step_<N>``)
-  rank 0 reports it with ``ray.train.report(checkpoint=Checkpoint.from_directory(…))``: Ray
-  copies it to its storage (default ``RUN_DIR/ray/<run name>/``, keeping ``train.keep_last``).
+  rank 0 reports it with ``ray.train.report(checkpoint=Checkpoint.from_directory(…))`` (a
+  hard-linked snapshot, uploaded in the background): Ray copies it to its storage (default
+  ``RUN_DIR/ray/<run name>/``, keeping ``train.keep_last``).
   ``FailureConfig(max_failures=N)`` restarts the whole worker group after a failure. On a
   restart every rank resumes from the newest of (a) the newest complete checkpoint in the run
   directory and (b) ``ray.train.get_checkpoint()``, compared by the step stored in their
@@ -211,12 +212,14 @@ def _ray_env(local: bool) -> None:
     """Environment Ray reads when it is imported (set on the imported modules if it already was).
 
     Always: skip :data:`QUIET_LINES` in forwarded logs. Local mode: advertise 127.0.0.1 (so
-    MASTER_ADDR is loopback) and send no usage statistics.
+    MASTER_ADDR is loopback), send no usage statistics, and start no preemption watcher (one
+    process less; a private one-machine cluster has no node to preempt).
     """
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", QUIET_LINES)
     if local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
         if local:

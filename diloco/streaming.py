@@ -61,6 +61,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -259,8 +260,8 @@ class StreamingDiLoCo(DiLoCo):
             self._applies.setdefault(a, []).append(i)
         self._in_flight: dict[int, _InFlight] = {}
         self._period = _Period()
-        #: ``(inner step, fragment, "start" | "apply")`` in the order they happened.
-        self.events: list[tuple[int, int, str]] = []
+        #: The last 4096 ``(inner step, fragment, "start" | "apply")``, in the order they happened.
+        self.events: deque[tuple[int, int, str]] = deque(maxlen=4096)
 
     # ------------------------------------------------------------------ views
     def slow_tensors(self) -> list[Tensor]:

@@ -312,7 +312,6 @@ WORKER = textwrap.dedent(
     import torch.distributed as dist
     import diloco.train as T
     from diloco.config import load_config
-from diloco.data import eval_batches, load_corpus
 
     out, overrides = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")
@@ -330,7 +329,8 @@ from diloco.data import eval_batches, load_corpus
         if name == "stream1":
             T.streaming_options = lambda o: {"fragments": 1, "sync_delay": 0, "mix_alpha": 0.0}
         T.train(load_config(None, [*overrides, f"run.out_dir={out}/{name}", *extra]))
-        record = {"class": type(built[-1]).__name__, "events": getattr(built[-1], "events", [])}
+        dl = built[-1]
+        record = {"class": type(dl).__name__, "events": list(getattr(dl, "events", []))}
         with open(f"{out}/{name}/rank{dist.get_rank()}.json", "w") as f:
             json.dump(record, f)
     dist.destroy_process_group()
