@@ -52,7 +52,7 @@ from typing import Any
 
 from diloco import faults
 from diloco.config import Config, config_from_dict, config_to_dict, load_config
-from diloco.errors import DilocoError, TopologyError
+from diloco.errors import ConfigError, DilocoError, TopologyError
 
 __all__ = [
     "RayLaunchError",
@@ -371,11 +371,18 @@ def _fit(
     out_dir = Path(cfg.run.out_dir).absolute()
     name = _run_name(out_dir)
     ray_dir = out_dir / "ray"
-    ray_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ray_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"run.out_dir={str(out_dir)!r} is not writable ({e.strerror}); choose another directory"
+        ) from None
+    config = config_to_dict(cfg)
+    config["run"]["out_dir"] = str(out_dir)  # absolute: not part of the resume fingerprint
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
-            "config": config_to_dict(cfg),
+            "config": config,
             "resume": resume,
             "force": force,
             "cwd": os.getcwd(),
@@ -401,8 +408,9 @@ def _fit(
     # reports once per log step. Ray passes the variable on to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     print(
-        f"diloco: Ray run {name}: {plan.workers} workers ({plan.groups} groups × {plan.shards} "
-        f"shards, {plan.resources} each, {plan.backend}); Ray connected in {init_s:.1f} s",
+        f"diloco: Ray run {name}: {plan.workers} workers ({_count(plan.groups, 'group')} × "
+        f"{_count(plan.shards, 'shard')}, {plan.resources} each, {plan.backend}); Ray connected "
+        f"in {init_s:.1f} s",
         file=sys.stderr,
         flush=True,
     )

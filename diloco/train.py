@@ -286,10 +286,15 @@ def _train(
     corpus = load_corpus(cfg.data.source, seq_len)
     deepspeed = cfg.inner.engine == "deepspeed"
     make_checkpointer: type[Checkpointer] = Checkpointer
-    if deepspeed:  # ZeRO within each group; model is the DeepSpeed engine
+    if deepspeed:  # ZeRO within each group; model becomes the DeepSpeed engine
         from diloco.engines.deepspeed import DeepSpeedCheckpointer, build_deepspeed
 
-        model, dl, scheduler = build_deepspeed(cfg, build_model(cfg, corpus.vocab_size), runtime)
+        model = build_model(cfg, corpus.vocab_size).to(runtime.device)
+        optimizer, scheduler = build_inner(cfg, model)
+        inner = build_deepspeed(cfg, model, optimizer, runtime)
+        model = inner.engine
+        hooks = {"fast_tensors": inner.fast_tensors, "after_fast_write": inner.refresh_model}
+        dl, _ = build_diloco(cfg, model, runtime, inner=(inner, scheduler), **hooks)
         make_checkpointer = DeepSpeedCheckpointer
     else:
         model = runtime.parallelize(

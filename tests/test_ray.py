@@ -2,9 +2,9 @@
 ``diloco train``'s.
 
 The end-to-end tests run real Ray (``--address local``: a private cluster on loopback) and real
-torchrun on the CPU with a tiny model; the three jobs start side by side in one module fixture
-(much of their time is Ray and torch start-up, not compute). The resume choice and the resource
-check are also tested as plain functions.
+torchrun on the CPU with a tiny model; the four jobs start side by side in one module fixture
+(most of their time is Ray and torch start-up, not compute). The resume choice, the resource
+check, the checkpoint snapshot and the error reporting are also tested as plain functions.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from helpers import child_env, run_cli, run_torchrun, same_fields, sets
 
 from diloco import faults
 from diloco.config import load_config
-from diloco.errors import DataError
+from diloco.errors import CheckpointError, DataError
 from diloco.metrics import read_metrics
 from diloco.ray_launcher import (
     RayLaunchError,
@@ -32,6 +32,7 @@ from diloco.ray_launcher import (
     check_resources,
     choose_resume,
     fit_error,
+    launch_ray,
     plan_workers,
     stage_checkpoint,
 )
@@ -60,7 +61,7 @@ TINY = [
     "topology.groups=2",
 ]
 TIMEOUT_S = 420
-# Three jobs share two busy cores here: give Ray Train's worker group more than its default 60 s
+# Four jobs share two busy cores here: give Ray Train's worker group more than its default 60 s
 # to start (imports in every worker process) before it counts a failed start.
 RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 
@@ -257,3 +258,10 @@ def test_a_staged_checkpoint_survives_the_pruning_of_the_original(tmp_path):
     shutil.rmtree(ckpt)  # what Checkpointer._prune does to an old checkpoint
     assert (staged / "outer" / "shard.distcp").read_bytes() == b"theta"
     assert json.loads((staged / "meta.json").read_text())["step"] == 8
+
+
+def test_resume_never_into_a_run_with_checkpoints_is_refused_before_ray_starts(tmp_path):
+    _fake_checkpoint(tmp_path / "checkpoints" / "step_8", 8)
+    cfg = load_config(None, [*TINY, f"run.out_dir={tmp_path}"])
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        launch_ray(cfg, address="local", resume="never")

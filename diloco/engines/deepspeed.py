@@ -57,7 +57,6 @@ from diloco.config import Config
 from diloco.errors import CheckpointError, ConfigError
 from diloco.reduce import MeshReducer
 from diloco.topology import Runtime
-from diloco.wrapper import DiLoCo
 
 __all__ = [
     "DeepSpeedCheckpointer",
@@ -273,17 +272,19 @@ def _ensure_process_group(runtime: Runtime) -> None:
     runtime.reducer = MeshReducer(runtime.mesh)
 
 
-def build_deepspeed(cfg: Config, model: nn.Module, runtime: Runtime) -> tuple[Any, DiLoCo, Any]:
-    """The DeepSpeed engine of this rank's group around ``model``, the DiLoCo wrapper on its
-    fp32 partitions, and the LR schedule; returns ``(engine, dl, scheduler)``.
+def build_deepspeed(
+    cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime
+) -> DeepSpeedInner:
+    """The DeepSpeed engine of this rank's group around ``model`` and its inner ``optimizer``
+    (the torch optimiser over ``model``'s parameters), as the wrapper's inner optimiser; the
+    engine is its ``.engine``.
 
-    ``model`` must hold the same initial weights on every rank (``build_model`` seeds it).
+    ``model`` must hold the same initial weights on every rank (``build_model`` seeds it). A
+    single process gets a one-rank process group (``runtime.mesh``/``reducer`` are set).
 
     Raises:
-        ConfigError: deepspeed is not installed.
+        ConfigError: deepspeed is not installed, or not a version this module knows.
     """
-    from diloco.train import build_diloco, build_inner
-
     deepspeed = import_deepspeed(runtime.device)
     _ensure_process_group(runtime)
     ops = getattr(deepspeed.ops, "__compatible_ops__", None)
@@ -292,9 +293,6 @@ def build_deepspeed(cfg: Config, model: nn.Module, runtime: Runtime) -> tuple[An
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     own_group, _ = dist.new_subgroups(group_size=1)
     mpu = ShardGroupMPU(runtime.mesh.get_group("shard"), own_group)
-
-    model = model.to(runtime.device)
-    optimizer, scheduler = build_inner(cfg, model)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -302,16 +300,7 @@ def build_deepspeed(cfg: Config, model: nn.Module, runtime: Runtime) -> tuple[An
         mpu=mpu,
         dist_init_required=False,
     )
-    inner = DeepSpeedInner(engine)
-    dl, _ = build_diloco(
-        cfg,
-        engine,
-        runtime,
-        inner=(inner, scheduler),
-        fast_tensors=inner.fast_tensors,
-        after_fast_write=inner.refresh_model,
-    )
-    return engine, dl, scheduler
+    return DeepSpeedInner(engine)
 
 
 class DeepSpeedCheckpointer(Checkpointer):
