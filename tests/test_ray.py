@@ -2,7 +2,7 @@
 ``diloco train``'s.
 
 The end-to-end tests run real Ray (``--address local``: a private cluster on loopback) and real
-torchrun on the CPU with a tiny model; the four jobs start side by side in one module fixture
+torchrun on the CPU with a tiny model; the four jobs run side by side in one module fixture
 (most of their time is Ray and torch start-up, not compute). The resume choice, the resource
 check, the checkpoint snapshot and the error reporting are also tested as plain functions.
 """
@@ -61,7 +61,7 @@ TINY = [
     "topology.groups=2",
 ]
 TIMEOUT_S = 420
-# Four jobs share two busy cores here: give Ray Train's worker group more than its default 60 s
+# Three jobs share two busy cores here: give Ray Train's worker group more than its default 60 s
 # to start (imports in every worker process) before it counts a failed start.
 RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 
@@ -95,7 +95,8 @@ def on_small_cluster(out: Path) -> subprocess.CompletedProcess:
 
 class Jobs:
     """The torchrun baseline, the Ray run, the Ray run with a killed worker and the job that is
-    too big for its cluster, side by side."""
+    too big for its cluster; three at a time (the last starts when torchrun is done): more Ray
+    clusters at once can starve a raylet past Ray's fixed 30 s start-up limit on two cores."""
 
     def __init__(self, root: Path, pool: ThreadPoolExecutor):
         self.root = root
@@ -115,17 +116,20 @@ class Jobs:
         }
 
     def result(self, name: str) -> subprocess.CompletedProcess:
-        return self._jobs[name].result()
+        proc = self._jobs[name].result()
+        (self.root / f"{name}.log").write_text(proc.stdout + proc.stderr)  # for a post-mortem
+        return proc
 
     def get(self, name: str) -> tuple[Path, subprocess.CompletedProcess]:
         proc = self.result(name)
-        assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-6000:]}"
+        log = self.root / f"{name}.log"
+        assert proc.returncode == 0, f"{name} failed (whole log: {log}):\n{proc.stderr[-6000:]}"
         return self.root / name, proc
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory) -> Iterator[Jobs]:
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         yield Jobs(tmp_path_factory.mktemp("ray"), pool)
 
 
