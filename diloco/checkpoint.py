@@ -34,6 +34,7 @@ streams, and RNG streams are re-seeded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -283,19 +284,8 @@ def model_shapes(cfg: Config) -> dict[str, list[int]]:
     """``{fqn: shape}`` of the trainable parameters of ``cfg.model``'s GPT (built on meta)."""
     from diloco.models import GPT, GPTConfig
 
-    m = cfg.model
     with torch.device("meta"):
-        model = GPT(
-            GPTConfig(
-                vocab_size=m.vocab_size,
-                block_size=m.block_size,
-                n_layer=m.n_layer,
-                n_head=m.n_head,
-                n_embd=m.n_embd,
-                dropout=m.dropout,
-                bias=m.bias,
-            )
-        )
+        model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
     return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 

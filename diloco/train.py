@@ -25,6 +25,7 @@ rounds and after the last round; a mismatch stops the job with a ``TopologyError
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -60,18 +61,7 @@ def build_model(cfg: Config, vocab_size: int) -> GPT:
             f"({vocab_size}); set model.vocab_size >= {vocab_size}"
         )
     torch.manual_seed(cfg.run.seed)
-    m = cfg.model
-    return GPT(
-        GPTConfig(
-            vocab_size=m.vocab_size,
-            block_size=m.block_size,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            n_embd=m.n_embd,
-            dropout=m.dropout,
-            bias=m.bias,
-        )
-    )
+    return GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
 
 
 def build_inner(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
