@@ -1,4 +1,5 @@
-"""``diloco bench optim``: compute-factor arithmetic on synthetic curves, and a tiny --quick run.
+"""``diloco bench optim``: compute-factor arithmetic on synthetic curves, the run scheduler, and
+a tiny --quick run.
 
 Compute factor = x the baseline needs to reach its own final val loss ÷ x the method needs to
 reach that loss, where "reach" is the first crossing of the eval curve, interpolated linearly.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 
 import pytest
 
@@ -18,6 +21,7 @@ from diloco.bench.compute_factor import (
     mean_curve,
     reach_point,
 )
+from diloco.bench.runner import _Slots
 from diloco.cli import main
 
 # Baseline: loss 5 - 0.003 x, evaluated every 100; final loss 2.0 at x = 1000.
@@ -126,3 +130,75 @@ def test_quick_writes_three_outputs_and_reuses_its_cache(tmp_path, capsys):
     assert again["meta"]["executed"] == 0
     assert again["meta"]["reused"] == len(results["runs"])
     assert again["table"] == results["table"]
+
+
+def _start(slots: _Slots, order: list[str], name: str, n: int, priority: int, hold=None):
+    def body():
+        with slots.take(n, priority):
+            order.append(name)
+            if hold is not None:
+                hold.wait(10)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_slots_go_to_the_highest_priority_waiter_first():
+    slots, order, release = _Slots(1), [], threading.Event()
+    threads = [_start(slots, order, "holder", 1, 0, release)]
+    _wait_until(lambda: order == ["holder"])
+    threads.append(_start(slots, order, "late", 1, 5))
+    _wait_until(lambda: len(slots._queue) == 1)
+    threads.append(_start(slots, order, "urgent", 1, 1))
+    _wait_until(lambda: len(slots._queue) == 2)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["holder", "urgent", "late"]
+
+
+def test_a_two_slot_run_at_the_head_is_not_overtaken_by_one_slot_runs():
+    slots, order, release = _Slots(2), [], threading.Event()
+    threads = [_start(slots, order, "one-slot holder", 1, 0, release)]
+    _wait_until(lambda: order == ["one-slot holder"])
+    threads.append(_start(slots, order, "G=2 run", 2, 1))
+    _wait_until(lambda: len(slots._queue) == 1)
+    threads.append(_start(slots, order, "G=1 run", 1, 2))
+    _wait_until(lambda: len(slots._queue) == 2)
+    time.sleep(0.2)  # one slot is free, but the head of the queue needs two
+    assert order == ["one-slot holder"]
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["one-slot holder", "G=2 run", "G=1 run"]
+
+
+def test_two_slot_requests_are_capped_at_the_capacity():
+    slots, order = _Slots(1), []
+    _start(slots, order, "G=2 run on one slot", 2, 0).join(10)
+    assert order == ["G=2 run on one slot"]
+
+
+def test_results_do_not_depend_on_how_many_runs_go_at_once(tmp_path):
+    tables = []
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        args = ["bench", "optim", "--quick", "--tiny-test", "--jobs", str(jobs), "--out", str(out)]
+        assert main(args) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["meta"]["jobs"] == jobs
+        tables.append(
+            [
+                (r["method"], r["steps"], r["setting"], r["final_val_loss_mean"])
+                for r in results["table"]
+            ]
+        )
+    assert tables[0] == tables[1]
