@@ -58,12 +58,21 @@ class OuterOptimizer(torch.optim.Optimizer):
     ) -> None:
         """tensors += sign·(s − θ); s = θ here, so nothing to add."""
 
-    @staticmethod
-    def _pseudo_grads(group: dict) -> list[Tensor]:
-        grads = [p.grad for p in group["params"]]
-        if any(g is None for g in grads):
-            raise RuntimeError("outer step needs the pseudo-gradient in .grad of every slow tensor")
-        return grads
+    @torch.no_grad()
+    def step(self, closure=None, group: int | None = None):  # noqa: D102 - maths: class doc
+        if closure is not None:
+            raise ValueError("outer optimisers take no closure")
+        for g in self._groups(group):
+            grads = [p.grad for p in g["params"]]
+            if any(d is None for d in grads):
+                raise RuntimeError(
+                    "outer step needs the pseudo-gradient in .grad of every slow tensor"
+                )
+            self._update(g, g["params"], grads)
+
+    def _update(self, group: dict, slow: list[Tensor], grads: list[Tensor]) -> None:
+        """One outer step of a param group: θ (``slow``) from Δ (``grads``, may be overwritten)."""
+        raise NotImplementedError
 
 
 class Nesterov(OuterOptimizer):
@@ -80,23 +89,16 @@ class Nesterov(OuterOptimizer):
             raise ValueError(f"outer momentum must be in [0, 1), got {momentum}")
         super().__init__(params, dict(lr=lr, momentum=momentum))
 
-    @torch.no_grad()
-    def step(self, closure=None, group: int | None = None):  # noqa: D102 - maths: class doc
-        if closure is not None:
-            raise ValueError("outer optimisers take no closure")
-        selected = self._groups(group)
-        for group in selected:
-            slow = group["params"]
-            grads = self._pseudo_grads(group)
-            lr, mu = group["lr"], group["momentum"]
-            if mu > 0:
-                bufs = [self._momentum_buffer(p) for p in slow]
-                torch._foreach_mul_(bufs, mu)
-                torch._foreach_add_(bufs, grads)
-                torch._foreach_add_(slow, grads, alpha=-lr)
-                torch._foreach_add_(slow, bufs, alpha=-lr * mu)
-            else:
-                torch._foreach_add_(slow, grads, alpha=-lr)
+    def _update(self, group: dict, slow: list[Tensor], grads: list[Tensor]) -> None:
+        lr, mu = group["lr"], group["momentum"]
+        if mu > 0:
+            bufs = [self._momentum_buffer(p) for p in slow]
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(slow, grads, alpha=-lr)
+            torch._foreach_add_(slow, bufs, alpha=-lr * mu)
+        else:
+            torch._foreach_add_(slow, grads, alpha=-lr)
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -141,26 +143,19 @@ class EMANesterov(OuterOptimizer):
             emas.append(state["ema"])
         return emas
 
-    @torch.no_grad()
-    def step(self, closure=None, group: int | None = None):  # noqa: D102 - maths: class doc
-        if closure is not None:
-            raise ValueError("outer optimisers take no closure")
-        selected = self._groups(group)
-        for group in selected:
-            slow = group["params"]
-            grads = self._pseudo_grads(group)
-            emas = self._emas(group)
-            # u = β_t·m − η·Δ, built in the gradient buffers (they are scratch after this step).
-            increments = grads
-            torch._foreach_mul_(increments, -group["lr"])
-            if group["beta"] != 0.0:
-                torch._foreach_add_(increments, emas, alpha=group["beta"])
-            torch._foreach_add_(slow, increments)
-            if group["rounds"] == 0 and group["ema_init"] == "first_increment":
-                torch._foreach_copy_(emas, increments)
-            else:
-                torch._foreach_lerp_(emas, increments, 1.0 - group["gamma"])
-            group["rounds"] += 1
+    def _update(self, group: dict, slow: list[Tensor], grads: list[Tensor]) -> None:
+        emas = self._emas(group)
+        # u = β_t·m − η·Δ, built in the gradient buffers (they are scratch after this step).
+        increments = grads
+        torch._foreach_mul_(increments, -group["lr"])
+        if group["beta"] != 0.0:
+            torch._foreach_add_(increments, emas, alpha=group["beta"])
+        torch._foreach_add_(slow, increments)
+        if group["rounds"] == 0 and group["ema_init"] == "first_increment":
+            torch._foreach_copy_(emas, increments)
+        else:
+            torch._foreach_lerp_(emas, increments, 1.0 - group["gamma"])
+        group["rounds"] += 1
 
     def set_beta(self, beta: float, group: int | None = None) -> None:
         """Set β_{t+1}, the lookahead coefficient of the next start point (of ``group``)."""

@@ -40,20 +40,60 @@ def sets(overrides: Sequence[str]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
 
+def tiny_overrides(steps: int, k: int, *extra: str) -> list[str]:
+    """The multi-process tests' job: a 2-layer, width-32 GPT (block 32, batch 8) on the CPU over
+    gloo in fp32, ``steps`` steps with K = ``k``, 4 warm-up steps, 2 eval batches, no progress
+    bar; ``extra`` settings are appended (a later setting of the same key wins)."""
+    return [
+        "model.n_layer=2",
+        "model.n_embd=32",
+        "model.block_size=32",
+        "data.batch_size=8",
+        f"train.steps={steps}",
+        f"outer.sync_every={k}",
+        "inner.warmup_steps=4",
+        "train.eval_batches=2",
+        "run.device=cpu",
+        "run.progress=false",
+        "topology.backend=gloo",
+        "topology.mixed_precision=fp32",
+        *extra,
+    ]
+
+
+def torchrun_cmd(nproc: int, *target: str, restarts: int | None = None) -> list[str]:
+    """``python -m torch.distributed.run --nproc-per-node nproc TARGET…`` on loopback: a static
+    free port, or with ``restarts`` the standalone c10d rendezvous (on gloo, restarts only work
+    with it; NOTES.md)."""
+    if restarts is None:
+        rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    else:
+        rendezvous = ["--standalone", "--max-restarts", str(restarts)]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        *rendezvous, *target,
+    ]  # fmt: skip
+
+
 def run_torchrun(
     nproc: int,
     overrides: Sequence[str],
     *args: str,
     env: Mapping[str, str] | None = None,
     timeout: float = 240,
+    restarts: int | None = None,
 ) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc -m diloco train --set …`` on loopback."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "diloco", "train", *sets(overrides), *args,
-    ]  # fmt: skip
+    """``torchrun --nproc-per-node nproc -m diloco train --set … ARGS…`` (see torchrun_cmd)."""
+    cmd = torchrun_cmd(nproc, "-m", "diloco", "train", *sets(overrides), *args, restarts=restarts)
     return subprocess.run(cmd, env=child_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun_script(
+    nproc: int, script: Path, *args: str, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc SCRIPT ARGS…`` (a test's own worker program)."""
+    cmd = torchrun_cmd(nproc, str(script), *args)
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def run_cli(

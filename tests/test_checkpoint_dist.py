@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, run_torchrun, same_fields, tiny_overrides
 from safetensors.torch import load_file
 
 from diloco import faults
@@ -31,7 +30,6 @@ from diloco.train import evaluate, train
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, K = 24, 4
 TIMEOUT_S = 240
 
@@ -44,67 +42,29 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def tiny(corpus: Path, out_dir: Path, groups: int, shards: int, *extra: str) -> list[str]:
-    return [
+    return tiny_overrides(
+        STEPS,
+        K,
         f"data.source=text:{corpus}",
-        "model.n_layer=2",
-        "model.n_embd=32",
         "model.n_head=2",
-        "model.block_size=32",
-        "data.batch_size=8",
-        f"train.steps={STEPS}",
-        f"outer.sync_every={K}",
         "outer.momentum=0.9",
-        "inner.warmup_steps=4",
         "train.eval_every=8",
-        "train.eval_batches=2",
         "train.log_every=2",
         "train.checkpoint_every=2",
-        "run.device=cpu",
-        "run.progress=false",
-        "topology.backend=gloo",
-        "topology.mixed_precision=fp32",
         f"topology.groups={groups}",
         f"topology.shards={shards}",
         f"run.out_dir={out_dir}",
         *extra,
-    ]
+    )
 
 
 def torchrun(
     overrides: list[str], nproc: int, *args: str, env: dict | None = None, restarts: int = 0
 ) -> subprocess.CompletedProcess:
     """``torchrun --standalone`` (c10d rendezvous: restarts work on gloo, NOTES.md)."""
-    sets = [a for o in overrides for a in ("--set", o)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "--max-restarts",
-        str(restarts),
-        "-m",
-        "diloco",
-        "train",
-        *sets,
-        *args,
-    ]
-    full_env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        **(env or {}),
-    }
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = run_torchrun(nproc, overrides, *args, env=env, timeout=TIMEOUT_S, restarts=restarts)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def same_fields(path: Path) -> list[dict]:
-    """Every record of a metrics.jsonl without its timings (the keys ending in ``_s``)."""
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in read_metrics(path)]
 
 
 @pytest.fixture(scope="module")

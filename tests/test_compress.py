@@ -12,15 +12,13 @@ torchrun (gloo). NCCL is not tested here (no GPU); the code uses no CPU-only ope
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import child_env, free_port, same_fields, sets
+from helpers import run_torchrun, run_torchrun_script, same_fields, tiny_overrides
 from torch.distributed.checkpoint import FileSystemReader
 
 from diloco import faults
@@ -335,10 +333,7 @@ def reducer_runs(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("reducer")
     script = tmp / "reducer.py"
     script.write_text(REDUCER_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(script), str(tmp)]  # fmt: skip
-    result = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=180)
+    result = run_torchrun_script(3, script, str(tmp))
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(tmp / f"rank{g}.pt", weights_only=False) for g in range(3)]
 
@@ -408,24 +403,14 @@ def test_async_average_equals_the_synchronous_one_also_with_fragments_in_flight(
 
 
 STEPS, K = 16, 4
-TINY = [
-    "model.n_layer=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "data.batch_size=8",
-    f"train.steps={STEPS}",
-    f"outer.sync_every={K}",
-    "train.eval_batches=2",
+TINY = tiny_overrides(
+    STEPS,
+    K,
     "train.eval_every=8",
     "train.log_every=4",
     "train.check_every=1",  # θ checksums of all groups compared after every round
-    "inner.warmup_steps=4",
-    "run.device=cpu",
-    "run.progress=false",
-    "topology.backend=gloo",
-    "topology.mixed_precision=fp32",
     "topology.groups=2",
-]
+)
 LAUNCHES = {  # name -> (processes, overrides, env)
     "none": (2, [], {}),
     "int8": (2, ["outer.compress=int8", "train.checkpoint_every=1"], {}),
@@ -441,10 +426,8 @@ LAUNCHES = {  # name -> (processes, overrides, env)
 
 
 def _train(out: Path, nproc: int, overrides: list[str], env: dict) -> Path:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(nproc), "--max-restarts", "1" if env else "0",
-           "-m", "diloco", "train", *sets([*TINY, f"run.out_dir={out}", *overrides])]  # fmt: skip
-    proc = subprocess.run(cmd, env=child_env(env), capture_output=True, text=True, timeout=300)
+    overrides = [*TINY, f"run.out_dir={out}", *overrides]
+    proc = run_torchrun(nproc, overrides, env=env, timeout=300, restarts=1 if env else 0)
     assert proc.returncode == 0, proc.stderr[-4000:]
     if env:
         assert "diloco: resumed from" in proc.stderr and "step_8" in proc.stderr, proc.stderr

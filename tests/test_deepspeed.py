@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import run_cli, run_torchrun, same_fields
+from helpers import run_cli, run_torchrun, same_fields, tiny_overrides
 
 from diloco.errors import CheckpointError, ConfigError
 from diloco.metrics import read_metrics
@@ -46,23 +46,13 @@ needs_deepspeed = pytest.mark.skipif(
 STEPS, K = 16, 4
 TOLERANCE = 2e-6  # about 4x the measured differences (module docstring)
 TIMEOUT_S = 300
-TINY = [
-    "model.n_layer=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "data.batch_size=8",
-    f"train.steps={STEPS}",
-    f"outer.sync_every={K}",
+TINY = tiny_overrides(
+    STEPS,
+    K,
     "outer.momentum=0.9",
-    "inner.warmup_steps=4",
     "train.eval_every=6",  # mid-round: θ is swapped into the fast partitions and back
-    "train.eval_batches=2",
     "train.log_every=2",
-    "run.device=cpu",
-    "run.progress=false",
-    "topology.backend=gloo",
-    "topology.mixed_precision=fp32",
-]
+)
 G2S2 = ["topology.groups=2", "topology.shards=2"]
 CHECKPOINTS = ["train.checkpoint_every=2"]  # rounds 2 and 4: steps 8 and 16
 

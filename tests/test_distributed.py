@@ -13,9 +13,7 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_torchrun, run_torchrun_script, tiny_overrides
 
 from diloco.config import load_config
 from diloco.data import BatchStream, eval_batches, load_corpus
@@ -32,58 +31,25 @@ from diloco.train import build_model, train
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, K = 24, 4
-TINY = [
-    "model.n_layer=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "data.batch_size=8",
-    f"train.steps={STEPS}",
-    f"outer.sync_every={K}",
-    "train.eval_batches=2",
+TINY = tiny_overrides(
+    STEPS,
+    K,
     "train.eval_every=10",  # mid-round evaluations: θ is swapped into sharded fast weights
     "train.log_every=4",
     "train.check_every=2",
-    "inner.warmup_steps=4",
-    "run.device=cpu",
-    "run.progress=false",
-    "topology.backend=gloo",
-    "topology.mixed_precision=fp32",
-]
+)
 # The EMA-Nesterov run also keeps θ and m in host memory (outer.offload=cpu), so the staging copy
 # through which the reducer sees the pseudo-gradient is covered on the sharded path too.
 EMA = ["outer.method=ema_nesterov", "outer.lr=0.9", "outer.offload=cpu"]
 LAUNCH_TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    """One thread per rank (NOTES.md), a private rendezvous store, this checkout importable."""
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-
-
 def torchrun(
     out_dir: Path, nproc: int, overrides: list[str], timeout: float = LAUNCH_TIMEOUT_S
 ) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc -m diloco train --set …`` with one thread per rank."""
-    sets = [a for o in [*TINY, f"run.out_dir={out_dir}", *overrides] for a in ("--set", o)]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        "-m", "diloco", "train", *sets,
-    ]  # fmt: skip
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    """``torchrun -m diloco train`` of TINY + ``overrides`` in ``out_dir``."""
+    return run_torchrun(nproc, [*TINY, f"run.out_dir={out_dir}", *overrides], timeout=timeout)
 
 
 # The torchrun jobs the tests compare: name -> (processes, overrides).
@@ -381,9 +347,7 @@ REDUCER_CHECKS = textwrap.dedent(
 def test_mesh_reducer_averages_buckets_and_reports_exact_stats(tmp_path):
     script = tmp_path / "reducer_checks.py"
     script.write_text(REDUCER_CHECKS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(_free_port()), str(script), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    result = run_torchrun_script(2, script, str(tmp_path), timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
     torch.manual_seed(0)
     base = [torch.randn(5, 3), torch.randn(7), torch.randn(40)]

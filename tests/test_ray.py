@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import child_env, run_cli, run_torchrun, same_fields, sets
+from helpers import child_env, run_cli, run_torchrun, same_fields, sets, tiny_overrides
 
 from diloco import faults
 from diloco.config import load_config
@@ -42,24 +42,14 @@ pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 STEPS, K = 24, 4
-TINY = [
-    "model.n_layer=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "data.batch_size=8",
-    f"train.steps={STEPS}",
-    f"outer.sync_every={K}",
-    "train.eval_batches=2",
+TINY = tiny_overrides(
+    STEPS,
+    K,
     "train.eval_every=8",
     "train.log_every=4",
     "train.checkpoint_every=2",  # rounds 2, 4, 6 = steps 8, 16, 24
-    "inner.warmup_steps=4",
-    "run.device=cpu",
-    "run.progress=false",
-    "topology.backend=gloo",
-    "topology.mixed_precision=fp32",
     "topology.groups=2",
-]
+)
 TIMEOUT_S = 420
 # Three jobs share two busy cores here: give Ray Train's worker group more than its default 60 s
 # to start (imports in every worker process) before it counts a failed start.

@@ -15,14 +15,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import child_env, free_port
+from helpers import run_torchrun_script, tiny_overrides
 
 from diloco import faults
 from diloco.checkpoint import list_checkpoints, read_meta
@@ -36,21 +34,13 @@ from diloco.topology import Runtime
 from diloco.train import evaluate, train
 
 STEPS, K = 16, 4
-TINY = [
-    "model.n_layer=2",
-    "model.n_embd=32",
+TINY = tiny_overrides(
+    STEPS,
+    K,
     "model.n_head=2",
-    "model.block_size=32",
-    "data.batch_size=8",
-    f"train.steps={STEPS}",
-    f"outer.sync_every={K}",
-    "inner.warmup_steps=4",
     "train.eval_every=7",  # step 7: fragment 1 of P=2, τ=1 is in flight during the evaluation
-    "train.eval_batches=2",
     "train.log_every=2",
-    "run.device=cpu",
-    "run.progress=false",
-]
+)
 GPT_TINY = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 
@@ -343,19 +333,8 @@ def two_groups(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("streaming_g2")
     script = root / "worker.py"
     script.write_text(WORKER)
-    overrides = [
-        *TINY,
-        "topology.groups=2",
-        "topology.backend=gloo",
-        "topology.mixed_precision=fp32",
-        "train.check_every=1",
-    ]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        str(script), str(root), *overrides,
-    ]  # fmt: skip
-    result = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    overrides = [*TINY, "topology.groups=2", "train.check_every=1"]
+    result = run_torchrun_script(2, script, str(root), *overrides, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
 
