@@ -22,26 +22,18 @@ Layout of ``RUN_DIR/checkpoints/step_<N>/`` (N = inner steps done)::
 The fast weights are not saved: at a round boundary they equal the start point s, which
 ``DiLoCo.load_state_dict`` rebuilds from θ and the outer state (s = θ, or θ + β·m).
 
-Resuming (:func:`plan_resume`, then :meth:`Checkpointer.load`): ``auto`` takes the newest
-checkpoint whose meta.json is complete and whose files match its manifest, skipping broken ones
-with a warning; an explicit path must be loadable. The model shapes must match; the config must
-match too (:data:`RESUME_IGNORE` aside: run length, logging, checkpoint cadence, G, S, device),
-unless ``force``. A different S is resharded by DCP. A different G is allowed: group g resumes
-group (g mod G_saved)'s inner optimiser state; groups beyond the saved ones start fresh data
-streams, and RNG streams are re-seeded.
+Resuming: :func:`diloco.resume.plan_resume` picks and checks the checkpoint, then
+:meth:`Checkpointer.load` restores it. A different S is resharded by DCP. A different G is
+allowed: group g resumes group (g mod G_saved)'s inner optimiser state; groups beyond the saved
+ones start fresh data streams, and RNG streams are re-seeded.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
-import re
 import shutil
-import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,277 +42,27 @@ import torch
 from torch import Tensor, nn
 
 from diloco import faults
-from diloco.config import (
-    FINGERPRINT_IGNORE,
-    Config,
-    config_fingerprint,
-    config_from_dict,
-    config_to_dict,
+from diloco.checkpoint_files import (
+    dcp_keys,
+    dcp_save,
+    dcp_view,
+    fsync_dir,
+    load_dcp,
+    local_tensor,
+    rng_state,
+    save_synced,
+    set_rng_state,
+    torch_load,
+    write_synced,
 )
-from diloco.errors import CheckpointError, DilocoError
+from diloco.config import Config, config_fingerprint, config_to_dict
+from diloco.errors import CheckpointError, note, warn
 from diloco.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.resume import CHECKPOINTS, FORMAT_VERSION, RESUME_IGNORE, list_checkpoints, read_meta
 
-__all__ = [
-    "CHECKPOINTS",
-    "FORMAT_VERSION",
-    "RESUME_IGNORE",
-    "Checkpointer",
-    "list_checkpoints",
-    "load_dcp",
-    "newest_checkpoint",
-    "plan_resume",
-    "read_meta",
-    "warn",
-]
+__all__ = ["Checkpointer", "outer_buffers"]
 
-CHECKPOINTS = "checkpoints"
-FORMAT_VERSION = 1
-#: Settings that may change between save and resume without ``--force``.
-RESUME_IGNORE: tuple[str, ...] = FINGERPRINT_IGNORE + (
-    "run.device",
-    "topology.groups",
-    "topology.shards",
-    "topology.backend",
-)
-_STEP_DIR = re.compile(r"step_(\d+)")
 _OUTER_SCALARS = ("beta", "rounds")  # outer param-group entries that are state, not settings
-
-
-def warn(message: str, enabled: bool = True) -> None:
-    """One ``diloco: warning: …`` line on stderr (pass ``enabled=runtime.is_main``)."""
-    if enabled:
-        print(f"diloco: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _note(message: str, enabled: bool) -> None:
-    if enabled:
-        print(f"diloco: {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# finding and validating checkpoints
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """``RUN_DIR/checkpoints/step_<N>`` directories, newest (largest N) first; ``.tmp`` excluded."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def read_meta(ckpt: str | os.PathLike) -> dict[str, Any]:
-    """The meta.json of checkpoint directory ``ckpt`` after checking the checkpoint is whole.
-
-    Raises:
-        CheckpointError: missing or unreadable meta.json, not marked complete, another format
-            version, or a file missing or of the wrong size (truncated) per the manifest.
-    """
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint {ckpt} does not exist or is not a directory")
-    path = ckpt / "meta.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"checkpoint {ckpt} has no meta.json; it was not completely written"
-        ) from None
-    except (OSError, UnicodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"checkpoint {ckpt}: meta.json is unreadable ({_one_line(e)})"
-        ) from None
-    if not isinstance(meta, dict) or meta.get("complete") is not True:
-        raise CheckpointError(f"checkpoint {ckpt} is not marked complete in meta.json")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {ckpt} has format version {meta.get('format_version')!r}; "
-            f"this diloco reads version {FORMAT_VERSION}"
-        )
-    for rel, size in meta.get("files", {}).items():
-        f = ckpt / rel
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} is missing {rel}; it is incomplete")
-        actual = f.stat().st_size
-        if actual != size:
-            raise CheckpointError(
-                f"checkpoint {ckpt}: {rel} is {actual} bytes, expected {size}; "
-                "the file is truncated or corrupt"
-            )
-    return meta
-
-
-def newest_checkpoint(
-    run_dir: str | os.PathLike, announce: bool = False
-) -> tuple[Path, dict[str, Any]] | None:
-    """The newest loadable checkpoint of ``run_dir`` and its meta, or None if there is none.
-
-    Broken checkpoints are skipped with a warning (if ``announce``). Raises CheckpointError
-    when checkpoints exist but none is loadable.
-    """
-    problems = []
-    for ckpt in list_checkpoints(run_dir):
-        try:
-            meta = read_meta(ckpt)
-        except CheckpointError as e:
-            problems.append(str(e))
-            warn(f"{e}; skipping it and trying the previous checkpoint", announce)
-            continue
-        return ckpt, meta
-    if problems:
-        raise CheckpointError(
-            f"no loadable checkpoint in {Path(run_dir) / CHECKPOINTS} ({problems[0]}); "
-            "remove the broken checkpoints or start over with --resume never --force"
-        )
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# deciding how to start
-
-
-def plan_resume(
-    cfg: Config, resume: str | None = None, force: bool = False, is_main: bool = True
-) -> Path | None:
-    """Which checkpoint this run continues from (None: start at step 0); reads, never writes.
-
-    ``resume``: None (auto if the run directory holds a checkpoint, else a fresh start),
-    ``"auto"``, ``"never"``, or the path of a checkpoint (``…/step_<N>``) or of a run directory.
-    Every rank calls this and takes the same decision from the same files.
-
-    Raises:
-        CheckpointError: the checkpoint is missing, broken, or from another model shape; the
-            config differs (unless ``force``); ``never`` into a directory with checkpoints
-            (unless ``force``: the old ``checkpoints/`` is then set aside by rank 0).
-    """
-    run_dir = Path(cfg.run.out_dir)
-    if resume == "never":
-        if force:
-            if is_main and (run_dir / CHECKPOINTS).is_dir():
-                aside = run_dir / f"{CHECKPOINTS}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-                (run_dir / CHECKPOINTS).rename(aside)
-                warn(f"--resume never --force: moved the old checkpoints to {aside}")
-            return None
-        existing = list_checkpoints(run_dir)
-        if existing:
-            raise CheckpointError(
-                f"run directory {run_dir} already holds checkpoints (newest {existing[0].name}); "
-                "resume with --resume auto, choose another run.out_dir, or add --force to "
-                "start over"
-            )
-        return None
-    if resume in (None, "auto"):
-        found = newest_checkpoint(run_dir, announce=is_main)
-        if found is None:
-            if resume == "auto":
-                _note(f"no checkpoint in {run_dir / CHECKPOINTS}; starting at step 0", is_main)
-            return None
-        ckpt, meta = found
-    else:
-        ckpt, meta = _explicit_checkpoint(Path(resume))
-    check_compatible(cfg, ckpt, meta, force, is_main)
-    return ckpt
-
-
-def _explicit_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
-    if (path / "meta.json").exists() or _STEP_DIR.fullmatch(path.name):
-        return path, read_meta(path)
-    if (path / CHECKPOINTS).is_dir():
-        found = newest_checkpoint(path)
-        if found is not None:
-            return found
-    raise CheckpointError(
-        f"--resume {path}: no checkpoint there; give a checkpoint directory "
-        f"(…/{CHECKPOINTS}/step_<N>) or a run directory that holds {CHECKPOINTS}/"
-    )
-
-
-def check_compatible(
-    cfg: Config, ckpt: Path, meta: dict[str, Any], force: bool, is_main: bool = True
-) -> None:
-    """Refuse a checkpoint of another model shape, or (unless ``force``) another config."""
-    shapes = model_shapes(cfg)
-    saved = meta.get("model_shapes", {})
-    if saved != shapes:
-        raise CheckpointError(
-            f"checkpoint {ckpt} is from a different model shape ({_shape_diff(saved, shapes)}); "
-            "resume with its model.* settings or start a new run"
-        )
-    if meta.get("config_fingerprint") != config_fingerprint(cfg, RESUME_IGNORE):
-        changes = _config_diff(meta.get("config", {}), config_to_dict(cfg))
-        if not force:
-            raise CheckpointError(
-                f"checkpoint {ckpt} was written with a different config ({changes}); resume "
-                "with the same settings, add --force to resume anyway, or choose a new "
-                "run.out_dir"
-            )
-        warn(f"--force: resuming {ckpt} with a changed config ({changes})", is_main)
-    if meta["step"] > cfg.train.steps:
-        raise CheckpointError(
-            f"checkpoint {ckpt} is at step {meta['step']}, beyond train.steps={cfg.train.steps}; "
-            f"set train.steps >= {meta['step']} to resume it"
-        )
-    saved_g, saved_s = meta["groups"], meta["shards"]
-    G, S = cfg.topology.groups, cfg.topology.shards
-    if G != saved_g:
-        if G > saved_g:
-            how = (
-                f"new groups {saved_g}..{G - 1} start from a copy of group (g mod {saved_g})'s "
-                "inner optimiser state and fresh data streams"
-            )
-        else:
-            how = f"the inner states and data positions of groups {G}..{saved_g - 1} are dropped"
-        warn(
-            f"checkpoint {ckpt} has {saved_g} groups, this run has {G}: {how}; "
-            "RNG streams are re-seeded",
-            is_main,
-        )
-    elif S != saved_s:
-        _note(f"resharding checkpoint {ckpt} from {saved_s} to {S} shards per group", is_main)
-
-
-def model_shapes(cfg: Config) -> dict[str, list[int]]:
-    """``{fqn: shape}`` of the trainable parameters of ``cfg.model``'s GPT (built on meta)."""
-    from diloco.models import GPT, GPTConfig
-
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
-    return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _shape_diff(saved: dict[str, list[int]], current: dict[str, list[int]]) -> str:
-    for name, shape in current.items():
-        if name not in saved:
-            return f"{name} is not in the checkpoint"
-        if saved[name] != shape:
-            return f"{name} is {saved[name]} there, {shape} here"
-    extra = sorted(set(saved) - set(current))
-    return f"{extra[0]} is only in the checkpoint" if extra else "parameters differ"
-
-
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        f"{section}.{key}": value
-        for section, values in config.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
-
-
-def _config_diff(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    """``key saved -> current`` for every setting that matters on resume, comma-separated."""
-    old, new = _flatten(saved), _flatten(current)
-    changed = [
-        f"{key} {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
-        for key in sorted(set(old) | set(new))
-        if key not in RESUME_IGNORE and old.get(key) != new.get(key)
-    ]
-    return ", ".join(changed) or "fingerprint differs"
-
-
-# ---------------------------------------------------------------------------------------------
-# saving and loading
 
 
 class Checkpointer:
@@ -393,16 +135,16 @@ class Checkpointer:
         self._barrier()
         pg = self._shard_group()
         if self.dl.outer is not None and rt.group == 0:
-            _dcp_save(self._outer_state()[0], tmp / "outer", pg)
+            dcp_save(self._outer_state()[0], tmp / "outer", pg)
         self._save_group(tmp / f"group{rt.group}", pg)
         if rt.shard == 0:
-            _save_synced(self.stream.state_dict(), tmp / "extra" / f"group{rt.group}.pt")
-        _save_synced(_rng_state(), tmp / "extra" / f"rank{rt.rank}.pt")
+            save_synced(self.stream.state_dict(), tmp / "extra" / f"group{rt.group}.pt")
+        save_synced(rng_state(), tmp / "extra" / f"rank{rt.rank}.pt")
         self._barrier()
         if rt.is_main:
             meta = self._meta(step, loop, tmp)
-            _write_synced(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
-            _fsync_dir(tmp)
+            write_synced(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
+            fsync_dir(tmp)
             faults.before_rename(step)
             final = self.root / f"step_{step}"
             old = self.root / f"step_{step}.old"
@@ -410,7 +152,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
                 final.rename(old)
             tmp.rename(final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(old, ignore_errors=True)
             self._prune()
         self._barrier()
@@ -478,7 +220,7 @@ class Checkpointer:
                 outer_state, staged = self._outer_state()
                 load_dcp(outer_state, ckpt / "outer", pg)
                 for local, staging in staged:
-                    local.copy_(_local(staging))
+                    local.copy_(local_tensor(staging))
             group_state = self._load_group(
                 ckpt / f"group{rt.group % saved_groups}", pg, rt.group < saved_groups
             )
@@ -514,12 +256,12 @@ class Checkpointer:
             group.update(own)
         self._load_schedule(meta["scheduler"])
         if rt.group < saved_groups:
-            self.stream.load_state_dict(_torch_load(ckpt / "extra" / f"group{rt.group}.pt"))
+            self.stream.load_state_dict(torch_load(ckpt / "extra" / f"group{rt.group}.pt"))
         if (saved_groups, meta["shards"]) == (rt.groups, rt.shards):
-            _set_rng_state(_torch_load(ckpt / "extra" / f"rank{rt.rank}.pt"))
+            set_rng_state(torch_load(ckpt / "extra" / f"rank{rt.rank}.pt"))
         if rt.is_main and ckpt.parent.resolve() == self.root.resolve():
             self._set_aside_newer(meta["step"])
-        _note(f"resumed from {ckpt} (step {meta['step']}, round {meta['round']})", rt.is_main)
+        note(f"resumed from {ckpt} (step {meta['step']}, round {meta['round']})", rt.is_main)
         return meta
 
     def _load_schedule(self, state: dict[str, Any]) -> None:
@@ -566,12 +308,12 @@ class Checkpointer:
         staged: list[tuple[Tensor, Tensor]] = []
 
         def view(p: Tensor, local: Tensor) -> Tensor:
-            t, copied = _dcp_view(p, local)
+            t, copied = dcp_view(p, local)
             if copied:
                 staged.append((local, t))
             return t
 
-        buffers = _outer_buffers(self.dl.outer, self.dl.slow_tensors())
+        buffers = outer_buffers(self.dl.outer, self.dl.slow_tensors())
         slow, outer = {}, {}
         params = list(self._named_params())
         for (name, p), theta, bufs in zip(params, self.dl.slow_tensors(), buffers, strict=True):
@@ -618,7 +360,7 @@ class Checkpointer:
         if not residuals:
             return {}
         params = list(self._named_params())
-        return {n: _dcp_view(p, e)[0] for (n, p), e in zip(params, residuals, strict=True)}
+        return {n: dcp_view(p, e)[0] for (n, p), e in zip(params, residuals, strict=True)}
 
     @torch.no_grad()
     def _load_residuals(self, loaded: dict[str, Tensor], own_group: bool) -> None:
@@ -627,18 +369,18 @@ class Checkpointer:
         for e, t in zip(self._residuals(), loaded.values(), strict=False):
             if not own_group:
                 e.zero_()
-            elif _local(t).data_ptr() != e.data_ptr():
-                e.copy_(_local(t))
+            elif local_tensor(t).data_ptr() != e.data_ptr():
+                e.copy_(local_tensor(t))
 
     def _save_group(self, path: Path, pg: Any) -> None:
         """Write this group's inner state into ``path`` (DCP, by the group's shard ranks)."""
-        _dcp_save(self._group_state(), path, pg)
+        dcp_save(self._group_state(), path, pg)
 
     def _load_group(self, path: Path, pg: Any, own_group: bool) -> dict[str, Any]:
         """Read the inner state saved in ``path`` (``own_group``: saved by this very group);
         :meth:`_set_group_state` applies it once every rank has read its part."""
         group_state = self._group_state()
-        if not _has_residual(path):
+        if not any(k.startswith("residual.") for k in dcp_keys(path)):
             group_state.pop("residual", None)  # e = 0 (uncompressed run, or G = 1)
         load_dcp(group_state, path, pg)
         self._load_residuals(group_state.get("residual", {}), own_group)
@@ -665,11 +407,7 @@ class Checkpointer:
             dist.barrier()
 
 
-# ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def _outer_buffers(outer: OuterOptimizer | None, slow: list[Tensor]) -> list[dict[str, Tensor]]:
+def outer_buffers(outer: OuterOptimizer | None, slow: list[Tensor]) -> list[dict[str, Tensor]]:
     """Per slow tensor of ``slow`` (parameter order), its outer buffers (created as zeros if the
     first round has not run: exactly what the outer optimiser would create)."""
     if outer is None:
@@ -688,148 +426,3 @@ def _outer_buffers(outer: OuterOptimizer | None, slow: list[Tensor]) -> list[dic
                 state[n] = torch.zeros_like(p)
         out.append({n: state[n] for n in names})
     return out
-
-
-def _dcp_view(p: Tensor, local: Tensor) -> tuple[Tensor, bool]:
-    """``local`` (this rank's part of parameter ``p``) as a DCP target with ``p``'s global
-    shape: a DTensor sharing its storage when ``p`` is an FSDP2 DTensor, else ``local`` itself.
-    Returns (target, copied): copied when ``local`` lives on another device than ``p``."""
-    from torch.distributed.tensor import DTensor
-
-    copied = local.device != p.device
-    if copied:
-        local = local.to(p.device)
-    if isinstance(p, DTensor):
-        t = DTensor.from_local(
-            local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-        )
-        return t, copied
-    return local, copied
-
-
-def _has_residual(path: Path) -> bool:
-    """Whether the group DCP directory ``path`` holds error-feedback residuals."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception:  # missing or corrupt: load_dcp reports it
-        return False
-    return any(k.startswith("residual.") for k in keys)
-
-
-def _local(t: Tensor) -> Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] + ("…" if len(text) > 300 else "")
-
-
-@contextlib.contextmanager
-def _no_single_process_warning() -> Iterator[None]:
-    """DCP warns on every single-process (``no_dist``) call; that is what we mean here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _dcp_save(state: dict[str, Any], path: Path, pg: Any) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        with _no_single_process_warning():
-            dcp.save(state, checkpoint_id=str(path), process_group=pg, no_dist=pg is None)
-    except (Exception, CheckpointException) as e:  # e.g. no space left on the device
-        raise CheckpointError(f"cannot write checkpoint part {path}: {_cause(e)}") from None
-
-
-def load_dcp(state: dict[str, Any], path: Path, pg: Any = None) -> None:
-    """``dcp.load`` into ``state``'s tensors, in place (``pg`` None: this process alone).
-
-    Raises:
-        CheckpointError: the DCP directory is missing, corrupt or does not fit ``state``.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(f"checkpoint part {path} is missing its .metadata file")
-    try:  # read it once first: DCP itself would log a traceback for a corrupt one
-        FileSystemReader(str(path)).read_metadata()
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}/.metadata is corrupt ({_cause(e)}); move this checkpoint away to resume "
-            "from an older one"
-        ) from None
-    try:
-        with _no_single_process_warning():
-            dcp.load(state, checkpoint_id=str(path), process_group=pg, no_dist=pg is None)
-    except (Exception, CheckpointException) as e:  # DCP wraps every reader failure
-        raise CheckpointError(
-            f"cannot load {path}: {_cause(e)}; move this checkpoint away to resume from an "
-            "older one"
-        ) from None
-
-
-def _cause(e: BaseException) -> str:
-    """``Type: message`` of the first underlying failure of a (DCP) exception, on one line."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        first = next(iter(failures.values()))  # (exception, stack summary)
-        e = first[0] if isinstance(first, tuple) else first
-    return f"{type(e).__name__}: {_one_line(e)}"
-
-
-def _rng_state() -> dict[str, Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from None
-
-
-def _save_synced(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def config_of(meta: dict[str, Any]) -> Config:
-    """The run config stored in a checkpoint's meta."""
-    try:
-        return config_from_dict(meta["config"])
-    except (KeyError, DilocoError) as e:
-        raise CheckpointError(f"checkpoint config is unusable: {e}") from None

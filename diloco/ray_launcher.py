@@ -276,7 +276,7 @@ def _prepare_resume(cfg: Config, resume: str | None, force: bool) -> tuple[str |
     ``never`` is settled here (refused, or the old checkpoints set aside with ``--force``), so
     the workers continue with auto semantics. Returns the (resume, force) of the first attempt.
     """
-    from diloco.checkpoint import plan_resume
+    from diloco.resume import plan_resume
 
     if resume == "never":
         plan_resume(cfg, "never", force, is_main=True)
@@ -511,7 +511,8 @@ def choose_resume(
 
     None of them: the first attempt's (resume, force) again. Unreadable candidates are skipped.
     """
-    from diloco.checkpoint import CheckpointError, newest_checkpoint, read_meta, warn
+    from diloco.errors import CheckpointError, warn
+    from diloco.resume import newest_checkpoint, read_meta
 
     candidates: list[tuple[int, int, str | None, bool, str]] = []  # step, tie rank, resume, …
     try:

@@ -38,14 +38,15 @@ import torch
 from torch import nn
 
 from diloco import faults
-from diloco.checkpoint import Checkpointer, plan_resume, warn
+from diloco.checkpoint import Checkpointer
 from diloco.config import Config, dump_config
 from diloco.data import BatchStream, eval_batches, load_corpus, shard_batch
-from diloco.errors import ConfigError, TopologyError
+from diloco.errors import ConfigError, TopologyError, warn
 from diloco.inner import build_inner_optimizer, build_scheduler
 from diloco.metrics import MetricsLogger, peak_rss_mb
 from diloco.models import GPT, GPTConfig
 from diloco.progress import ProgressBar
+from diloco.resume import plan_resume
 from diloco.streaming import StreamingDiLoCo, streaming_options
 from diloco.topology import Runtime, init_runtime
 from diloco.wrapper import DiLoCo, SyncReport
@@ -245,7 +246,7 @@ def train(
 ) -> dict[str, Any]:
     """Run the job described by ``cfg``; returns the summary (also written to summary.json).
 
-    ``resume``/``force``: see :func:`diloco.checkpoint.plan_resume` (None: continue from the
+    ``resume``/``force``: see :func:`diloco.resume.plan_resume` (None: continue from the
     newest checkpoint in ``run.out_dir`` if there is one, as a restarted torchrun job must).
     ``on_log``/``on_checkpoint``: see :data:`OnLog`, :data:`OnCheckpoint` (e.g. Ray reports).
     """

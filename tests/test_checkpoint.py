@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from diloco import faults
-from diloco.checkpoint import list_checkpoints, read_meta
 from diloco.cli import main
 from diloco.config import load_config
 from diloco.data import eval_batches, load_corpus
 from diloco.metrics import read_metrics
 from diloco.models import GPT, GPTConfig
+from diloco.resume import list_checkpoints, read_meta
 from diloco.topology import Runtime
 from diloco.train import evaluate, train
 

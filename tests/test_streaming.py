@@ -23,12 +23,12 @@ import torch
 from helpers import run_torchrun_script, tiny_overrides
 
 from diloco import faults
-from diloco.checkpoint import list_checkpoints, read_meta
 from diloco.config import load_config
 from diloco.data import eval_batches, load_corpus
 from diloco.errors import DilocoError
 from diloco.metrics import read_metrics
 from diloco.models import GPT, GPTConfig
+from diloco.resume import list_checkpoints, read_meta
 from diloco.streaming import StreamingDiLoCo, assign_fragments, fragment_schedule
 from diloco.topology import Runtime
 from diloco.train import evaluate, train

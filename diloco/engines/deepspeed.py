@@ -52,10 +52,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from diloco.checkpoint import Checkpointer, _outer_buffers, _save_synced, _torch_load, read_meta
+from diloco.checkpoint import Checkpointer, outer_buffers
+from diloco.checkpoint_files import save_synced, torch_load
 from diloco.config import Config
 from diloco.errors import CheckpointError, ConfigError
 from diloco.reduce import MeshReducer
+from diloco.resume import read_meta
 from diloco.topology import Runtime
 
 __all__ = [
@@ -336,7 +338,7 @@ class DeepSpeedCheckpointer(Checkpointer):
     def _outer_state(self) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]:
         shard, theta = self.runtime.shard, self.dl.slow_tensors()
         state: dict[str, Any] = {"slow": {f"shard{shard}.{i}": t for i, t in enumerate(theta)}}
-        buffers = _outer_buffers(self.dl.outer, theta)
+        buffers = outer_buffers(self.dl.outer, theta)
         outer = {f"shard{shard}.{i}": b for i, b in enumerate(buffers) if b}
         if outer:
             state["outer"] = outer
@@ -347,13 +349,13 @@ class DeepSpeedCheckpointer(Checkpointer):
         self.model.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)
         residuals = self._residuals()
         if residuals:
-            _save_synced([e.cpu() for e in residuals], self._residual_file(path))
+            save_synced([e.cpu() for e in residuals], self._residual_file(path))
 
     def _load_group(self, path: Path, pg: Any, own_group: bool) -> dict[str, Any]:
         if not (path / CHECKPOINT_TAG).is_dir():
             raise CheckpointError(f"checkpoint part {path / CHECKPOINT_TAG} is missing")
         residual = self._residual_file(path)
-        loaded = _torch_load(residual) if residual.is_file() else []
+        loaded = torch_load(residual) if residual.is_file() else []
         return {"path": path, "residuals": loaded, "own_group": own_group}
 
     def _set_group_state(self, state: dict[str, Any]) -> None:
