@@ -39,186 +39,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import functools
-import itertools
 import json
 import math
 import os
-import re
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diloco.bench.compute_factor import compute_factor, factor_bound, format_factor, mean_curve
+from diloco.bench.plan import (
+    BASELINES,
+    BY_NAME,
+    DP_FAMILY,
+    Method,
+    Plan,
+    announce,
+    device_of,
+    make_plan,
+    spec,
+)
 from diloco.bench.report import hardware, plot_curves, render_markdown, settings_label
-from diloco.bench.runner import Runner, RunSpec
-from diloco.config import config_from_dict, config_to_dict, load_config
+from diloco.bench.runner import Runner
 from diloco.errors import ConfigError
 
-__all__ = [
-    "METHODS", "Method", "Plan", "add_arguments", "make_plan", "run_bench", "run_from_args", "spec",
-]  # fmt: skip
-
-#: Named model sizes for ``--sizes`` (``LxE``, e.g. ``6x256``, also works; ``config`` keeps the
-#: config file's model).
-PRESET_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
-    "small": {"n_layer": 4, "n_embd": 128, "n_head": 4},
-}
-FULL_LR_GRID = (1e-3, 2e-3, 4e-3)
-FULL_MUON_LR_GRID = (0.01, 0.02, 0.04)
-#: SNOO's outer grid: K ∈ {8, 32} × η ∈ {0.5, 0.7, 1.0} × μ ∈ {0.5, 0.9}.
-FULL_OUTER_GRID = tuple(itertools.product((8, 32), (0.5, 0.7, 1.0), (0.5, 0.9)))
-#: --quick shrinks it to two points (one per K).
-QUICK_OUTER_GRID = ((8, 0.7, 0.5), (32, 0.7, 0.9))
-#: Defaults of a full and a --quick run (explicit flags override them).
-MODES: dict[str, dict[str, Any]] = {
-    "full": {"sizes": ["tiny", "small"], "steps": [200, 800], "seeds": 3},
-    "quick": {"sizes": ["tiny"], "steps": [100, 250], "seeds": 2},
-}
-
-
-def _ema(k: int, beta: float, gamma: float) -> dict[str, Any]:
-    return {
-        "outer.method": "ema_nesterov",
-        "outer.sync_every": k,
-        "outer.lr": 1.0,
-        "outer.ema_beta": beta,
-        "outer.ema_gamma": gamma,
-        "outer.ema_init": "first_increment",
-        "outer.ema_warmup": 0.3,
-        "outer.ema_rest": 0.1,
-    }
-
-
-@dataclass(frozen=True)
-class Method:
-    """One optimiser set-up of the benchmark."""
-
-    name: str
-    label: str
-    inner: str  # "adamw" or "muon": which LR grid it is tuned on
-    fixed: dict[str, Any]  # dotted config settings that define it
-    tune_outer_at: str | None = None  # SNOO: tune (K, η, μ) at this base method's tuned LR
-    outer_from: str | None = None  # DiLoCo G=2: take this method's tuned (K, η, μ)
-    groups: int = 1
-    batch_mult: int = 1
-
-
-_NONE = {"outer.method": "none"}
-METHODS: tuple[Method, ...] = (
-    Method("adamw", "AdamW", "adamw", _NONE),
-    Method("muon", "Muon", "muon", _NONE),
-    Method("snoo_adamw", "SNOO (AdamW)", "adamw", {"outer.method": "nesterov"}, "adamw"),
-    Method("snoo_muon", "SNOO (Muon)", "muon", {"outer.method": "nesterov"}, "muon"),
-    Method("ema1_adamw", "EMA-Nesterov K=1 (AdamW)", "adamw", _ema(1, 0.7, 0.99)),
-    Method("ema1_muon", "EMA-Nesterov K=1 (Muon)", "muon", _ema(1, 0.5, 0.995)),
-    Method("ema8_adamw", "EMA-Nesterov K=8 (AdamW)", "adamw", _ema(8, 0.7, 0.99)),
-    Method("adamw_2x", "AdamW 2x batch (DP)", "adamw", _NONE, batch_mult=2),
-    Method(
-        "diloco_g2",
-        "DiLoCo G=2 (AdamW)",
-        "adamw",
-        {"outer.method": "nesterov", "topology.backend": "gloo"},
-        outer_from="snoo_adamw",
-        groups=2,
-    ),
-)
-_BY_NAME = {m.name: m for m in METHODS}
-#: The compute-factor baselines: column title → method.
-BASELINES = {"vs AdamW": "adamw", "vs Muon": "muon", "vs DP 2x": "adamw_2x"}
-#: Methods compared with the 2x-batch data-parallel baseline (the equal-tokens G=2 pair).
-_DP_FAMILY = ("adamw_2x", "diloco_g2")
-
-
-@dataclass
-class Plan:
-    """Everything that decides which runs the benchmark makes."""
-
-    base: dict[str, dict[str, Any]]  # the base config (file + --set + --data), as a dict
-    sizes: dict[str, dict[str, int]]  # size name → model.* settings
-    horizons: list[int]
-    seeds: int
-    lr_grid: list[float]
-    muon_lr_grid: list[float]
-    outer_grid: list[tuple[int, float, float]]
-    methods: list[Method]
-    evals: int = 16
-    warmup_frac: float = 0.1
-    jobs: int = 1  # runs at once (CPU slots)
-    threads: int | None = None  # torch threads per run (None: torch's default)
-    skipped: dict[str, str] = field(default_factory=dict)  # method → why it is not run
-
-    @property
-    def tune_steps(self) -> int:
-        return self.horizons[0]
-
-    def eval_every(self, steps: int) -> int:
-        """About ``steps / evals``, rounded down to a multiple of the largest K of the plan (at
-        least one K), so that every evaluation sees freshly synchronised slow weights."""
-        ks = [k for k, _, _ in self.outer_grid]
-        ks += [m.fixed.get("outer.sync_every", 1) for m in self.methods]
-        k = max(ks, default=1)
-        return k * max(1, steps // self.evals // k)
-
-    def n_tune_runs(self, m: Method) -> int:
-        grid = len(self.lr_grid if m.inner == "adamw" else self.muon_lr_grid)
-        return grid + len(self.outer_grid) - 1 if m.tune_outer_at else grid
-
-    def n_runs(self) -> int:
-        per_size = sum(
-            self.n_tune_runs(m) + len(self.horizons) * self.seeds - 1 for m in self.methods
-        )
-        return per_size * len(self.sizes)
-
-
-# --- configs and run keys ------------------------------------------------------------------------
-
-
-def _set(cfg: dict[str, dict[str, Any]], dotted: str, value: Any) -> None:
-    section, key = dotted.split(".")
-    cfg.setdefault(section, {})[key] = value
-
-
-def run_config(
-    plan: Plan, m: Method, size: str, steps: int, seed: int, settings: dict[str, Any]
-) -> dict[str, dict[str, Any]]:
-    """The nested config dict of one run (``run.out_dir`` left to the caller)."""
-    cfg = copy.deepcopy(plan.base)
-    for key, value in plan.sizes[size].items():
-        _set(cfg, f"model.{key}", value)
-    _set(cfg, "run.seed", seed)
-    _set(cfg, "run.progress", False)
-    _set(cfg, "train.steps", steps)
-    every = plan.eval_every(steps)
-    _set(cfg, "train.eval_every", every)
-    _set(cfg, "train.log_every", every)
-    _set(cfg, "train.checkpoint_every", 0)
-    _set(cfg, "inner.warmup_steps", min(steps - 1, round(plan.warmup_frac * steps)))
-    _set(cfg, "inner.optimizer", m.inner)
-    if m.inner == "muon":  # the AdamW part of Muon: the middle of the shared grid
-        _set(cfg, "inner.lr", plan.lr_grid[len(plan.lr_grid) // 2])
-    _set(cfg, "data.batch_size", plan.base["data"]["batch_size"] * m.batch_mult)
-    _set(cfg, "topology.groups", m.groups)
-    _set(cfg, "topology.shards", 1)
-    for dotted, value in {**m.fixed, **settings}.items():
-        _set(cfg, dotted, value)
-    return cfg
-
-
-def spec(
-    plan: Plan, m: Method, size: str, steps: int, seed: int, settings: dict, tuning: bool = False
-) -> RunSpec:
-    """The :class:`RunSpec` of ``m`` at ``settings`` for one size, horizon and seed."""
-    cfg = run_config(plan, m, size, steps, seed, settings)
-    return RunSpec(m.name, size, steps, seed, settings, cfg, m.groups, tuning)
+__all__ = ["add_arguments", "run_bench", "run_from_args"]
 
 
 # --- the protocol --------------------------------------------------------------------------------
@@ -363,193 +212,13 @@ def _aggregate(plan: Plan, runner: Runner, size: str, best: dict[str, dict]) -> 
             if row["steps"] != steps:
                 continue
             for column, base in BASELINES.items():
-                if base not in curves or (base == "adamw_2x" and row["method"] not in _DP_FAMILY):
+                if base not in curves or (base == "adamw_2x" and row["method"] not in DP_FAMILY):
                     row[column] = None
                     continue
                 cf = compute_factor(curves[base], curves[row["method"]])
                 bound = factor_bound(curves[base], curves[row["method"]]) if cf is None else None
                 row[column] = {"factor": cf, "bound": bound, "text": format_factor(cf, bound)}
     return rows
-
-
-# --- plan, estimate, run -------------------------------------------------------------------------
-
-
-def _parse_size(spec: str) -> dict[str, int]:
-    if spec in PRESET_SIZES:
-        return dict(PRESET_SIZES[spec])
-    if spec == "config":
-        return {}
-    match = re.fullmatch(r"(\d+)x(\d+)", spec)
-    if not match:
-        raise ConfigError(
-            f"--sizes: unknown size {spec!r}; use {', '.join(PRESET_SIZES)}, config, or LxE "
-            "(layers x width, e.g. 6x256)"
-        )
-    n_layer, n_embd = int(match[1]), int(match[2])
-    return {"n_layer": n_layer, "n_embd": n_embd, "n_head": max(1, n_embd // 32)}
-
-
-def _device(base: dict[str, dict[str, Any]]) -> str:
-    """The base config's device, ``auto`` resolved."""
-    import torch
-
-    device = base["run"]["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _distributed_problem(base: dict[str, dict[str, Any]], groups: int) -> str | None:
-    """Why a G-group torchrun run cannot work here, or None."""
-    import torch
-
-    if _device(base) == "cuda" and torch.cuda.device_count() < groups:
-        return f"needs {groups} GPUs, found {torch.cuda.device_count()}"
-    return None
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    """The :class:`Plan` of the parsed ``diloco bench optim`` arguments."""
-    mode = MODES["quick" if args.quick else "full"]
-    cfg = load_config(args.config, args.overrides)
-    base = config_to_dict(cfg)
-    if args.data:
-        base["data"]["source"] = args.data
-    default_sizes = ["config"] if args.config else mode["sizes"]
-    sizes = {s: _parse_size(s) for s in (args.sizes or default_sizes)}
-    horizons = sorted(set(args.steps or mode["steps"]))
-    if args.config:  # a config brings its own LR scale: grid = its lr x {1/2, 1, 2}
-        lr_grid = [base["inner"]["lr"] * f for f in (0.5, 1.0, 2.0)]
-        muon_grid = [base["inner"]["muon_lr"] * f for f in (0.5, 1.0, 2.0)]
-    else:
-        lr_grid, muon_grid = list(FULL_LR_GRID), list(FULL_MUON_LR_GRID)
-    outer_grid = list(QUICK_OUTER_GRID if args.quick else FULL_OUTER_GRID)
-    if args.lr_grid:
-        lr_grid = args.lr_grid
-    if args.muon_lr_grid:
-        muon_grid = args.muon_lr_grid
-    names = args.methods or [m.name for m in METHODS]
-    unknown = [n for n in names if n not in _BY_NAME]
-    if unknown:
-        raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(_BY_NAME)}")
-    wanted = set(names) | {"adamw"}  # the compute factors need the AdamW baseline
-    if any(_BY_NAME[n].inner == "muon" for n in wanted):
-        wanted.add("muon")
-    if "diloco_g2" in wanted:
-        wanted |= {"snoo_adamw", "adamw_2x"}
-    plan = Plan(
-        base=base,
-        sizes=sizes,
-        horizons=horizons,
-        seeds=args.seeds or mode["seeds"],
-        lr_grid=lr_grid,
-        muon_lr_grid=muon_grid,
-        outer_grid=outer_grid,
-        methods=[m for m in METHODS if m.name in wanted],
-        evals=args.evals,
-        warmup_frac=args.warmup_frac,
-    )
-    if args.tiny_test:
-        _shrink_for_test(plan)
-    for m in list(plan.methods):
-        problem = _distributed_problem(base, m.groups) if m.groups > 1 else None
-        named = bool(args.methods) and m.name in args.methods
-        if problem is None and m.groups > 1 and args.tiny_test and not named:
-            problem = "left out of --tiny-test unless named in --methods (slow to launch)"
-        if problem:
-            plan.methods.remove(m)
-            plan.skipped[m.name] = problem
-    # Fail on a bad corpus or model now, not after an hour of runs.
-    _check_data(plan)
-    return plan
-
-
-def _shrink_for_test(plan: Plan) -> None:
-    """--tiny-test: a seconds-long plan exercising every stage (tests only)."""
-    plan.sizes = {"test": {"n_layer": 1, "n_embd": 16, "n_head": 1, "block_size": 16}}
-    plan.base["data"]["batch_size"] = 4
-    plan.base["train"]["eval_batches"] = 2
-    plan.horizons = [10, 20]
-    plan.seeds = 1
-    plan.evals = 2
-    plan.lr_grid = plan.lr_grid[len(plan.lr_grid) // 2 :][:1]
-    plan.muon_lr_grid = plan.muon_lr_grid[len(plan.muon_lr_grid) // 2 :][:1]
-    plan.outer_grid = [(5, 0.7, 0.5)]
-
-
-def _check_data(plan: Plan) -> None:
-    from diloco.data import load_corpus
-
-    block = max(s.get("block_size", plan.base["model"]["block_size"]) for s in plan.sizes.values())
-    corpus = load_corpus(plan.base["data"]["source"], block)
-    if corpus.vocab_size > plan.base["model"]["vocab_size"]:
-        plan.base["model"]["vocab_size"] = corpus.vocab_size  # e.g. bin: GPT-2 tokens
-    for m in plan.methods:  # validate one config per method and size
-        for size in plan.sizes:
-            cfg = run_config(plan, m, size, plan.tune_steps, 0, {})
-            _set(cfg, "run.out_dir", "unused")
-            config_from_dict(cfg)
-
-
-def _probe_ms(plan: Plan, out: Path, size: str, inner: str) -> float:
-    """Milliseconds per inner step of a 24-step plain run (for the time estimate)."""
-    from diloco.train import train
-
-    m = _BY_NAME[inner]
-    cfg = run_config(plan, m, size, 24, 0, {})
-    probe_dir = out / "probe" / f"{size}-{inner}"
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    _set(cfg, "run.out_dir", str(probe_dir))
-    _set(cfg, "train.eval_every", 0)
-    summary = train(config_from_dict(cfg))
-    shutil.rmtree(probe_dir.parent, ignore_errors=True)
-    return summary["inner_step_ms"]
-
-
-def estimate_s(plan: Plan, step_ms: dict[tuple[str, str], float]) -> float:
-    """Wall seconds the plan needs given measured (size, adamw|muon) inner-step times of one
-    run: the total run time divided by ``plan.jobs`` (runs at once).
-
-    An eval costs about eval_batches / 3 steps (forward only); EMA K=1 adds ~15% per step; a
-    G=2 run costs two groups' steps (one slot each) plus ~10 s to launch.
-    """
-    total = 0.0
-    for size in plan.sizes:
-        for m in plan.methods:
-            ms = step_ms[(size, m.inner)] * m.batch_mult * m.groups
-            if m.fixed.get("outer.sync_every") == 1:
-                ms *= 1.15
-            eval_ms = step_ms[(size, "adamw")] * plan.base["train"]["eval_batches"] / 3
-            startup = 10.0 if m.groups > 1 else 0.5
-            runs = [plan.tune_steps] * plan.n_tune_runs(m)
-            runs += [h for h in plan.horizons for _ in range(plan.seeds)]
-            runs.remove(plan.tune_steps)  # seed 0 at the tuning horizon is the tuning run
-            total += sum(h * ms / 1e3 + (plan.evals + 1) * eval_ms / 1e3 + startup for h in runs)
-    return total / plan.jobs
-
-
-def announce(plan: Plan, out: Path, probe: bool = True) -> None:
-    """Print the plan; with ``probe``, time a few steps per size and print the estimate."""
-    names = ", ".join(m.name for m in plan.methods)
-    print(
-        f"diloco bench optim: {plan.n_runs()} runs planned ({names}; sizes "
-        f"{', '.join(plan.sizes)}; horizons {plan.horizons}; {plan.seeds} seed(s))"
-    )
-    for method, why in plan.skipped.items():
-        print(f"  skipping {method}: {why}")
-    if not probe:
-        return
-    inners = sorted({m.inner for m in plan.methods})
-    step_ms = {(s, i): _probe_ms(plan, out, s, i) for s in plan.sizes for i in inners}
-    shown = ", ".join(f"{s}/{i} {ms:.0f} ms" for (s, i), ms in step_ms.items())
-    minutes = estimate_s(plan, step_ms) / 60
-    threads = f"{plan.threads} thread(s)" if plan.threads else "torch's default threads"
-    print(
-        f"  measured inner step: {shown}; estimated wall time {minutes:.1f} min with "
-        f"{plan.jobs} run(s) at once, {threads} each (runs already in the cache cost nothing)",
-        flush=True,
-    )
 
 
 def run_bench(plan: Plan, out: Path, command: str, probe: bool = True) -> dict[str, Any]:
@@ -642,7 +311,7 @@ _OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--sizes", {"nargs": "+", "help": "model sizes: tiny, small, config, or LxE (e.g. 6x256)"}),
     ("--steps", {"nargs": "+", "type": int,
                  "help": "horizons in steps; the shortest is the tuning horizon"}),
-    ("--methods", {"nargs": "+", "help": f"subset of: {', '.join(_BY_NAME)}"}),
+    ("--methods", {"nargs": "+", "help": f"subset of: {', '.join(BY_NAME)}"}),
     ("--lr-grid", {"type": _floats, "help": "LR grid of AdamW-inner methods, e.g. 1e-3,2e-3,4e-3"}),
     ("--muon-lr-grid", {"type": _floats, "help": "Muon LR grid of Muon-inner methods"}),
     ("--evals", {"type": int, "default": 16, "help": "evaluations per run (the curve's points)"}),
@@ -699,7 +368,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {value}")
     plan = make_plan(args)
-    plan.jobs, plan.threads = _parallelism(args, _device(plan.base))
+    plan.jobs, plan.threads = _parallelism(args, device_of(plan.base))
     out = Path(args.out)
     with _torch_threads(plan.threads):  # the time probe runs in this process
         if args.plan:

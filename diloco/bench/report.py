@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from diloco.bench.optim import Plan
+    from diloco.bench.plan import Plan
 
 __all__ = ["plot_curves", "render_markdown", "settings_label", "hardware"]
 
