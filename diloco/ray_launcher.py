@@ -31,8 +31,9 @@ What Ray adds over ``torchrun`` and what it does not change:
   files under ``$RAY_TMPDIR`` (default ``/tmp/ray-<uid>``: Unix socket paths must stay short);
   shut down at the end.
 
-Before ``fit()`` the cluster's resources are checked (:func:`check_resources`): a job that
-cannot be placed fails at once with one line instead of waiting for resources forever.
+Before ``fit()`` the cluster's resources are checked (:func:`diloco.ray_plan.check_resources`):
+a job that cannot be placed fails at once with one line instead of waiting for resources
+forever. The worker function is :func:`diloco.ray_worker.train_worker`.
 """
 
 from __future__ import annotations
@@ -43,145 +44,26 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diloco import faults
-from diloco.config import Config, config_from_dict, config_to_dict, load_config
-from diloco.errors import ConfigError, DilocoError, TopologyError
+from diloco.config import Config, config_to_dict, load_config
+from diloco.errors import ConfigError, DilocoError
+from diloco.ray_plan import (
+    RayLaunchError,
+    WorkerPlan,
+    check_resources,
+    plan_workers,
+)
+from diloco.ray_worker import train_worker
 
-__all__ = [
-    "RayLaunchError",
-    "RayResourceError",
-    "WorkerPlan",
-    "add_arguments",
-    "check_resources",
-    "choose_resume",
-    "fit_error",
-    "launch_ray",
-    "plan_workers",
-    "run_from_args",
-]
+__all__ = ["add_arguments", "fit_error", "launch_ray", "run_from_args"]
 
 RAY_MISSING = "Ray is not installed; install it with: pip install -e '.[ray]'"
 #: Seconds between the Ray Train controller's polls of the workers, unless
 #: ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set (Ray's default, 2 s, holds every report up to 2 s).
 HEALTH_CHECK_INTERVAL_S = "0.5"
-#: Ray metrics reported on every log step (when present in the record).
-REPORTED = ("step", "outer_step", "loss", "val_loss", "tokens_per_s", "lr")
-
-
-class RayLaunchError(DilocoError):
-    """The Ray job could not be started, or its workers failed for good."""
-
-
-class RayResourceError(TopologyError):
-    """The cluster cannot place G·S workers with the requested resources."""
-
-
-# ---------------------------------------------------------------------------------------------
-# planning (no Ray needed)
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """The Ray workers of a config: ``workers`` = G·S, each with ``resources``."""
-
-    groups: int
-    shards: int
-    use_gpu: bool
-    cpus_per_worker: float
-    backend: str
-
-    @property
-    def workers(self) -> int:
-        return self.groups * self.shards
-
-    @property
-    def resources(self) -> dict[str, float]:
-        res = {"CPU": self.cpus_per_worker}
-        if self.use_gpu:
-            res["GPU"] = 1.0
-        return res
-
-
-def plan_workers(
-    cfg: Config, cpus_per_worker: float = 1.0, gpus_available: bool = False
-) -> WorkerPlan:
-    """G·S workers, one GPU each if ``run.device`` is cuda (or auto and GPUs are available).
-
-    Raises:
-        TopologyError: ``topology.backend=nccl`` without GPUs.
-    """
-    if cpus_per_worker <= 0:
-        raise RayLaunchError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
-    device = cfg.run.device
-    use_gpu = device == "cuda" or (device == "auto" and gpus_available)
-    backend = cfg.topology.backend
-    if backend == "auto":
-        backend = "nccl" if use_gpu else "gloo"
-    if backend == "nccl" and not use_gpu:
-        raise TopologyError(
-            f"topology.backend=nccl needs GPU workers but run.device is {device} and the "
-            "cluster has no GPUs; use topology.backend=gloo or run on GPUs"
-        )
-    G, S = cfg.topology.groups, cfg.topology.shards
-    return WorkerPlan(G, S, use_gpu, float(cpus_per_worker), backend)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:g}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def check_resources(plan: WorkerPlan, nodes: Sequence[Mapping[str, float]]) -> str | None:
-    """Raise if the alive ``nodes`` (their total resources) cannot hold every worker.
-
-    A worker needs all of ``plan.resources`` on one node, so node n holds
-    min over r of floor(node[r] / need[r]) workers. Returns a warning when the workers fit but
-    not every group fits on one node (FSDP traffic would cross nodes), else None.
-
-    Raises:
-        RayResourceError: one line: what is needed, what the cluster has, what to change.
-    """
-    need = plan.resources
-
-    def capacity(node: Mapping[str, float]) -> int:
-        return min(int(node.get(r, 0.0) / amount + 1e-9) for r, amount in need.items())
-
-    caps = [capacity(n) for n in nodes]
-    if sum(caps) >= plan.workers:
-        per_node_groups = sum(c // plan.shards for c in caps)
-        if plan.shards > 1 and per_node_groups < plan.groups:
-            return (
-                f"the cluster's nodes hold only {_count(per_node_groups, 'whole group')} of "
-                f"{plan.shards} workers: some of the {plan.groups} groups will span nodes "
-                "(their FSDP traffic crosses the network)"
-            )
-        return None
-    layout = f"{_count(plan.groups, 'group')} × {_count(plan.shards, 'shard')}"
-    for r, amount in need.items():
-        total = sum(n.get(r, 0.0) for n in nodes)
-        wanted = amount * plan.workers
-        if total < wanted:
-            raise RayResourceError(
-                f"needs {_fmt(wanted)} {r}s for {layout} ({_fmt(amount)} {r} per worker), the "
-                f"cluster has {_fmt(total)}; lower topology.groups/shards"
-                f"{' or --cpus-per-worker' if r == 'CPU' else ''}, or add nodes"
-            )
-    need_text = ", ".join(f"{_fmt(v)} {k}" for k, v in need.items())
-    raise RayResourceError(
-        f"the cluster's nodes can hold only {sum(caps)} of the {plan.workers} workers for "
-        f"{layout} (each needs {need_text} on one node); lower --cpus-per-worker or "
-        "topology.groups/shards, or add nodes"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +262,7 @@ def _fit(
     config = config_to_dict(cfg)
     config["run"]["out_dir"] = str(out_dir)  # absolute: not part of the resume fingerprint
     trainer = TorchTrainer(
-        _train_worker,
+        train_worker,
         train_loop_config={
             "config": config,
             "resume": resume,
@@ -408,8 +290,8 @@ def _fit(
     # reports once per log step. Ray passes the variable on to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     print(
-        f"diloco: Ray run {name}: {plan.workers} workers ({_count(plan.groups, 'group')} × "
-        f"{_count(plan.shards, 'shard')}, {plan.resources} each, {plan.backend}); Ray connected "
+        f"diloco: Ray run {name}: {plan.workers} workers ({plan.layout}, "
+        f"{plan.resources} each, {plan.backend}); Ray connected "
         f"in {init_s:.1f} s",
         file=sys.stderr,
         flush=True,
@@ -457,197 +339,6 @@ def _find_diloco_error(err: BaseException | None) -> DilocoError | None:
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
         seen += 1
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# the workers
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _count_attempt(path: Path, rank: int) -> int:
-    """This attempt's number (0 first): every rank reads the count, then rank 0 bumps it."""
-    try:
-        attempt = int(path.read_text().strip() or 0)
-    except FileNotFoundError:
-        attempt = 0
-    _barrier()
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"{attempt + 1}\n")
-        tmp.replace(path)
-    return attempt
-
-
-def _ray_checkpoint_dir() -> Path | None:
-    """``ray.train.get_checkpoint()`` as a local directory (downloaded if on remote storage)."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    try:
-        import pyarrow.fs
-
-        if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
-            return Path(ckpt.path)
-    except ImportError:
-        pass
-    return Path(ckpt.to_directory(tempfile.mkdtemp(prefix="diloco-ray-ckpt-")))
-
-
-def choose_resume(
-    run_dir: Path, ray_ckpt: Path | None, first: tuple[str | None, bool], is_main: bool
-) -> tuple[str | None, bool]:
-    """(resume, force) of a restarted attempt: the newest of the run directory's newest
-    complete checkpoint, Ray's checkpoint and the first attempt's ``--resume PATH``, by the
-    step stored in their meta.json (ties: run directory, then Ray, then PATH).
-
-    None of them: the first attempt's (resume, force) again. Unreadable candidates are skipped.
-    """
-    from diloco.errors import CheckpointError, warn
-    from diloco.resume import newest_checkpoint, read_meta
-
-    candidates: list[tuple[int, int, str | None, bool, str]] = []  # step, tie rank, resume, …
-    try:
-        found = newest_checkpoint(run_dir, announce=is_main)
-    except CheckpointError:
-        found = None
-    if found is not None:
-        candidates.append((found[1]["step"], 2, None, False, str(found[0])))
-    if ray_ckpt is not None:
-        try:
-            meta = read_meta(ray_ckpt)
-            candidates.append((meta["step"], 1, str(ray_ckpt), False, f"Ray's {ray_ckpt}"))
-        except CheckpointError as e:
-            warn(f"ignoring the checkpoint Ray handed back: {e}", is_main)
-    resume, force = first
-    if resume not in (None, "auto") and (Path(resume) / "meta.json").exists():
-        try:
-            meta = read_meta(resume)
-            candidates.append((meta["step"], 0, resume, force, resume))
-        except CheckpointError:
-            pass
-    if not candidates:
-        return first
-    step, _, chosen, chosen_force, label = max(candidates, key=lambda c: (c[0], c[1]))
-    if is_main:
-        print(f"diloco: Ray restart: resuming from {label} (step {step})", file=sys.stderr)
-    return chosen, chosen_force
-
-
-def stage_checkpoint(path: Path, staging: Path) -> Path:
-    """A copy of checkpoint directory ``path`` under ``staging`` made of hard links: instant,
-    and it survives the pruning or renaming of ``path`` (checkpoint files are never rewritten).
-    Falls back to a real copy where hard links are not possible (another filesystem)."""
-    staging.mkdir(parents=True, exist_ok=True)
-    dest = staging / f"{path.name}-{time.time_ns()}"
-    try:
-        shutil.copytree(path, dest, copy_function=os.link)
-    except OSError:
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(path, dest)
-    return dest
-
-
-class _RayReporter:
-    """``train()`` hooks that report metrics and checkpoints to Ray (called on every rank).
-
-    Every ``report`` is a barrier over the workers (through a Ray actor), after which Ray's
-    controller takes one report per worker per health-check interval. So every report is handed
-    over in the background (``CheckpointUploadMode.ASYNC``: still in order, and flushed by Ray
-    when the worker function returns) and training waits for neither the controller nor the
-    copy of a checkpoint to Ray's storage. Rank 0 reports a hard-linked snapshot of the
-    checkpoint (:func:`stage_checkpoint`), which Ray copies and then deletes, so the copy is
-    whole even if the training loop prunes the checkpoint meanwhile.
-    """
-
-    def __init__(self, rank: int, world: int, attempt: int, staging: Path):
-        import ray.train
-
-        self.train = ray.train
-        self.rank, self.world, self.attempt, self.staging = rank, world, attempt, staging
-        self.last: dict[str, Any] = {}
-
-    def on_log(self, record: dict[str, Any]) -> None:
-        metrics = {k: record[k] for k in REPORTED if isinstance(record.get(k), (int, float))}
-        self.last = metrics
-        self.train.report(metrics, checkpoint_upload_mode=self.train.CheckpointUploadMode.ASYNC)
-
-    def on_checkpoint(self, path: Path) -> None:
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        metrics = {**self.last, "step": meta["step"], "round": meta["round"]}
-        ckpt = None
-        if self.rank == 0:
-            staged = stage_checkpoint(path, self.staging)
-            ckpt = self.train.Checkpoint.from_directory(str(staged))
-        self.train.report(
-            metrics,
-            checkpoint=ckpt,
-            checkpoint_upload_mode=self.train.CheckpointUploadMode.ASYNC,
-            delete_local_checkpoint_after_upload=True,
-        )
-        faults.after_ray_checkpoint(meta["round"], self.rank, self.world, self.attempt)
-
-
-def _report_placement(rank: int, shards: int) -> None:
-    """Each node's first worker prints which ranks and groups it holds, and warns if a group
-    spans nodes (Ray Train gives a node's workers contiguous ranks)."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    import ray
-
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    last = rank + local_world - 1
-    print(
-        f"diloco: node {ray.util.get_node_ip_address()}: ranks {rank}-{last}, "
-        f"groups {rank // shards}-{last // shards}",
-        file=sys.stderr,
-        flush=True,
-    )
-    if rank % shards or local_world % shards:
-        print(
-            f"diloco: warning: this node runs {local_world} workers, not a multiple of "
-            f"topology.shards={shards}: a group spans nodes and its FSDP traffic crosses the "
-            "network",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def _train_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function: the same ``train()`` as ``diloco train``."""
-    from diloco.train import train
-
-    cwd = config.get("cwd")
-    if cwd and os.path.isdir(cwd):
-        os.chdir(cwd)  # relative paths in the config mean what they meant for the driver
-    cfg = config_from_dict(config["config"])
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    _report_placement(rank, cfg.topology.shards)
-    ray_dir, name = Path(config["ray_dir"]), config["run_name"]
-    attempt = _count_attempt(ray_dir / f"{name}.attempts", rank)
-    first = (config["resume"], config["force"])
-    if attempt == 0:
-        resume, force = first
-    else:
-        resume, force = choose_resume(
-            Path(cfg.run.out_dir), _ray_checkpoint_dir(), first, rank == 0
-        )
-    reporter = _RayReporter(rank, world, attempt, ray_dir / f"{name}.staging")
-    try:
-        train(cfg, resume=resume, force=force, on_log=reporter.on_log,
-              on_checkpoint=reporter.on_checkpoint)  # fmt: skip
-    except DilocoError as e:
-        print(f"diloco: error: {e}", file=sys.stderr, flush=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,16 +26,9 @@ from diloco import faults
 from diloco.config import load_config
 from diloco.errors import CheckpointError, DataError
 from diloco.metrics import read_metrics
-from diloco.ray_launcher import (
-    RayLaunchError,
-    RayResourceError,
-    check_resources,
-    choose_resume,
-    fit_error,
-    launch_ray,
-    plan_workers,
-    stage_checkpoint,
-)
+from diloco.ray_launcher import fit_error, launch_ray
+from diloco.ray_plan import RayLaunchError, RayResourceError, check_resources, plan_workers
+from diloco.ray_worker import choose_resume, stage_checkpoint
 
 pytest.importorskip("ray")
 
