@@ -2,10 +2,11 @@
 
 A config has one section per concern (``run``, ``model``, ``data``, ``inner``, ``outer``,
 ``train``, ``topology``). The defaults below describe the tiny CPU SNOO run. :func:`load_config`
-starts from them, deep-merges a YAML file and ``--set section.key=value`` overrides, then validates:
-the first problem raises :class:`~diloco.errors.ConfigError` with one line naming the key, the value
-and what is allowed. Each field's ``metadata["doc"]`` is its reference text (see
-:func:`config_reference`); ``metadata["choices"]`` lists the allowed values of an enum field.
+starts from them, deep-merges a YAML file and ``--set section.key=value`` overrides, then
+validates (:mod:`diloco.config_rules`): the first problem raises
+:class:`~diloco.errors.ConfigError` with one line naming the key, the value and what is allowed.
+Each field's ``metadata["doc"]`` is its reference text (see :func:`config_reference`);
+``metadata["choices"]`` lists the allowed values of an enum field.
 
 This module must not import torch: configs are loaded and checked before any heavy import.
 """
@@ -20,17 +21,17 @@ import json
 import math
 import re
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from diloco.config_rules import shown, validate
 from diloco.errors import ConfigError
 
 __all__ = [
-    "DEEPSPEED_RESERVED",
     "FINGERPRINT_IGNORE",
     "Config",
     "DataConfig",
@@ -286,7 +287,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
             kwargs[key] = _coerce(dotted, value, _TYPES[name][key], specs[key].metadata["choices"])
         sections[name] = _SECTIONS[name](**kwargs)
     cfg = Config(**sections)
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -357,7 +358,7 @@ def _sections(data: Any, origin: str) -> dict[str, dict[str, Any]]:
         return {}
     if not isinstance(data, Mapping):
         raise ConfigError(
-            f"{origin} must be a mapping of sections ({', '.join(_SECTIONS)}), got {_shown(data)}"
+            f"{origin} must be a mapping of sections ({', '.join(_SECTIONS)}), got {shown(data)}"
         )
     sections = {}
     for name, values in data.items():
@@ -369,7 +370,7 @@ def _sections(data: Any, origin: str) -> dict[str, dict[str, Any]]:
             values = {}
         if not isinstance(values, Mapping):
             raise ConfigError(
-                f"config section '{name}' must be a mapping of key: value, got {_shown(values)}"
+                f"config section '{name}' must be a mapping of key: value, got {shown(values)}"
             )
         sections[name] = dict(values)
     return sections
@@ -466,234 +467,10 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple[str, ...]) -> Any:
             if None not in numbers:
                 return numbers
         expected = "a list of numbers"
-    raise ConfigError(f"{key} must be {expected}, got {_shown(value)}")
-
-
-def _shown(value: Any) -> str:
-    """``value`` with its type, as in ``'abc' (str)``."""
-    return f"{value!r} ({type(value).__name__})"
+    raise ConfigError(f"{key} must be {expected}, got {shown(value)}")
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What a YAML parser error complains about, on one line and without its location."""
     problem = getattr(exc, "problem", None) or str(exc)
     return " ".join(problem.split())
-
-
-# --- ranges and cross-field rules ----------------------------------------------------------------
-
-_Bound = tuple[Callable[[float], bool], str]
-
-
-def _at_least(low: int, note: str = "") -> _Bound:
-    """Allow values >= ``low``."""
-    return (lambda v: v >= low), f">= {low}{note}"
-
-
-_POSITIVE: _Bound = (lambda v: v > 0), "> 0"
-_FRACTION: _Bound = (lambda v: 0 <= v < 1), "in [0, 1)"
-_CLOSED_FRACTION: _Bound = (lambda v: 0 <= v <= 1), "in [0, 1]"
-
-#: One rule per key: the allowed range of its value.
-_BOUNDS: dict[str, _Bound] = {
-    "run.seed": _at_least(0),
-    "model.vocab_size": _at_least(2),
-    "model.block_size": _at_least(1),
-    "model.n_layer": _at_least(1),
-    "model.n_head": _at_least(1),
-    "model.n_embd": _at_least(1),
-    "model.dropout": _FRACTION,
-    "data.batch_size": _at_least(1),
-    "inner.lr": _POSITIVE,
-    "inner.weight_decay": _at_least(0),
-    "inner.eps": _POSITIVE,
-    "inner.momentum": _FRACTION,
-    "inner.muon_lr": _POSITIVE,
-    "inner.warmup_steps": _at_least(0),
-    "inner.min_lr_ratio": _CLOSED_FRACTION,
-    "inner.decay_frac": _CLOSED_FRACTION,
-    "inner.grad_clip": _at_least(0, " (0 disables clipping)"),
-    "outer.sync_every": _at_least(1),
-    "outer.lr": _POSITIVE,
-    "outer.momentum": _FRACTION,
-    "outer.ema_beta": _FRACTION,
-    "outer.ema_gamma": _FRACTION,
-    "outer.ema_warmup": _FRACTION,
-    "outer.ema_rest": _FRACTION,
-    "outer.compress_block": _at_least(8),
-    "outer.fragments": _at_least(1),
-    "outer.sync_delay": _at_least(0),
-    "outer.mix_alpha": _CLOSED_FRACTION,
-    "train.steps": _at_least(1),
-    "train.eval_every": _at_least(0, " (0 = only the final evaluation)"),
-    "train.eval_batches": _at_least(1),
-    "train.log_every": _at_least(1),
-    "train.checkpoint_every": _at_least(0, " (0 = no checkpoints)"),
-    "train.keep_last": _at_least(1),
-    "train.max_bad_rounds": _at_least(1),
-    "train.check_every": _at_least(1),
-    "topology.groups": _at_least(1),
-    "topology.shards": _at_least(1),
-    "topology.timeout_s": _at_least(1),
-}
-
-#: Outer-loop features that need an outer step, with their "off" values.
-_STREAMING_DEFAULTS: dict[str, Any] = {
-    "compress": "none",
-    "fragments": 1,
-    "sync_delay": 0,
-    "mix_alpha": 0.0,
-}
-
-
-def _check(ok: bool, message: str) -> None:
-    """Raise ConfigError(``message``) unless ``ok``."""
-    if not ok:
-        raise ConfigError(message)
-
-
-def _validate(cfg: Config) -> None:
-    """Raise ConfigError for the first value out of range or inconsistent with another."""
-    for dotted, (allowed, text) in _BOUNDS.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        _check(allowed(value), f"{dotted} must be {text}, got {value!r}")
-    run, model, data, inner = cfg.run, cfg.model, cfg.data, cfg.inner
-    outer, train, topology = cfg.outer, cfg.train, cfg.topology
-
-    _check(bool(run.out_dir.strip()), f"run.out_dir must be a non-empty path, got {run.out_dir!r}")
-    _check(
-        model.n_embd % model.n_head == 0,
-        f"model.n_embd ({model.n_embd}) must be divisible by model.n_head ({model.n_head}): "
-        f"each head gets n_embd / n_head dimensions",
-    )
-    kind, _, target = data.source.partition(":")
-    _check(
-        data.source == "embedded" or (kind in ("text", "bin") and bool(target.strip())),
-        f"data.source must be embedded, text:<path> or bin:<glob>, got {data.source!r}",
-    )
-    _check(
-        data.batch_size % topology.shards == 0,
-        f"data.batch_size ({data.batch_size}) must be divisible by topology.shards "
-        f"({topology.shards}): the group batch is split across the shards; "
-        f"e.g. data.batch_size={topology.shards * math.ceil(data.batch_size / topology.shards)}",
-    )
-    _check(
-        inner.optimizer != "muon" or topology.shards == 1,
-        f"inner.optimizer=muon with topology.shards={topology.shards}: Muon orthogonalises whole "
-        f"weight matrices but each FSDP2 shard holds a slice of rows; use topology.shards=1 "
-        f"(scale out with topology.groups) or inner.optimizer=adamw",
-    )
-    _check(
-        len(inner.betas) == 2,
-        f"inner.betas must be two numbers [beta1, beta2], got {inner.betas!r}",
-    )
-    _check(
-        all(0 <= beta < 1 for beta in inner.betas),
-        f"inner.betas must each be in [0, 1), got {inner.betas!r}",
-    )
-    _check(
-        inner.warmup_steps < train.steps,
-        f"inner.warmup_steps ({inner.warmup_steps}) must be < train.steps ({train.steps})",
-    )
-    _check(
-        outer.ema_warmup + outer.ema_rest < 1,
-        f"outer.ema_warmup + outer.ema_rest must be < 1 so that some steps use beta > 0, "
-        f"got {outer.ema_warmup} + {outer.ema_rest}",
-    )
-    _check(
-        outer.fragments <= model.n_layer,
-        f"outer.fragments ({outer.fragments}) must be <= model.n_layer ({model.n_layer}): "
-        f"each fragment holds at least one layer",
-    )
-    _check(
-        outer.sync_delay < outer.sync_every,
-        f"outer.sync_delay ({outer.sync_delay}) must be < outer.sync_every ({outer.sync_every})",
-    )
-    # Streaming (diloco/streaming.py): fragment i is applied at step offset (i+1)·K/P, so K/P
-    # must be whole, and a reduction started τ steps earlier must land before the next starts
-    # (then none is in flight at a round boundary, where checkpoints are taken).
-    _check(
-        outer.sync_every % outer.fragments == 0,
-        f"outer.sync_every ({outer.sync_every}) must be divisible by outer.fragments "
-        f"({outer.fragments}): fragment i syncs at offset (i+1)*sync_every/fragments; e.g. "
-        f"outer.sync_every={outer.fragments * math.ceil(outer.sync_every / outer.fragments)}",
-    )
-    _check(
-        outer.sync_delay < outer.sync_every // outer.fragments,
-        f"outer.sync_delay ({outer.sync_delay}) must be < outer.sync_every / outer.fragments "
-        f"({outer.sync_every // outer.fragments}): a fragment's reduction must land before the "
-        f"next fragment's starts",
-    )
-    if outer.method == "none":
-        _check(
-            topology.groups == 1,
-            f"outer.method=none with topology.groups={topology.groups}: without an outer step "
-            f"the groups never synchronise; use outer.method=nesterov or sgd, or topology.groups=1",
-        )
-        for key, off in _STREAMING_DEFAULTS.items():
-            value = getattr(outer, key)
-            _check(
-                value == off,
-                f"outer.{key}={value!r} needs an outer step but outer.method is none; "
-                f"use outer.method=nesterov, sgd or ema_nesterov, or outer.{key}={off!r}",
-            )
-    _validate_engine(inner, outer)
-
-
-#: DeepSpeed config keys diloco sets itself, with the settings they come from.
-DEEPSPEED_RESERVED: dict[str, str] = {
-    "train_batch_size": "data.batch_size",
-    "train_micro_batch_size_per_gpu": "data.batch_size / topology.shards",
-    "gradient_accumulation_steps": "one inner step per batch",
-    "optimizer": "inner.optimizer and its settings",
-    "scheduler": "inner.schedule and its settings",
-    "gradient_clipping": "inner.grad_clip",
-    "zero_allow_untested_optimizer": "the inner optimiser diloco builds",
-    "zero_optimization.stage": "inner.zero_stage",
-}
-
-
-def _validate_engine(inner: InnerConfig, outer: OuterConfig) -> None:
-    """Rules of ``inner.engine``, ``inner.zero_stage`` and ``inner.deepspeed``.
-
-    Whether the deepspeed package is installed is checked when the engine is built, so that
-    a DeepSpeed config can be loaded and checked on a machine without it.
-    """
-    _check(
-        inner.zero_stage in (1, 2, 3),
-        f"inner.zero_stage must be one of 1, 2, 3, got {inner.zero_stage!r}",
-    )
-    if inner.engine != "deepspeed":
-        _check(
-            not inner.deepspeed,
-            f"inner.deepspeed is set but inner.engine is {inner.engine}; "
-            "use inner.engine=deepspeed or remove inner.deepspeed",
-        )
-        return
-    _check(
-        inner.optimizer != "muon",
-        "inner.optimizer=muon is not supported with inner.engine=deepspeed (ZeRO flattens the "
-        "weight matrices Muon needs whole); use inner.optimizer=adamw or sgd, or "
-        "inner.engine=fsdp2",
-    )
-    for key, off in _STREAMING_DEFAULTS.items():
-        _check(
-            key == "compress" or getattr(outer, key) == off,
-            f"outer.{key}={getattr(outer, key)!r} (streaming) is not supported with "
-            f"inner.engine=deepspeed: its fast weights are flat ZeRO partitions, not layers; "
-            f"use outer.{key}={off!r} or inner.engine=fsdp2",
-        )
-    zero = inner.deepspeed.get("zero_optimization", {})
-    _check(
-        isinstance(zero, dict),
-        f"inner.deepspeed.zero_optimization must be a mapping, got {_shown(zero)}",
-    )
-    for dotted, source in DEEPSPEED_RESERVED.items():
-        section, _, key = dotted.rpartition(".")
-        where = zero if section else inner.deepspeed
-        _check(
-            key not in where,
-            f"inner.deepspeed.{dotted} is set by diloco (from {source}); remove it from "
-            "inner.deepspeed",
-        )

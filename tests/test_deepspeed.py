@@ -219,7 +219,8 @@ def test_missing_deepspeed_is_a_config_error(monkeypatch):
 
 
 def test_deepspeed_config_merges_the_passthrough_under_what_diloco_sets():
-    from diloco.config import DEEPSPEED_RESERVED, load_config
+    from diloco.config import load_config
+    from diloco.config_rules import DEEPSPEED_RESERVED
     from diloco.engines.deepspeed import deepspeed_config
 
     passthrough = "inner.deepspeed={zero_optimization: {overlap_comm: false}, steps_per_print: 5}"

@@ -115,7 +115,7 @@ def deepspeed_config(cfg: Config, shards: int) -> dict[str, Any]:
 
     One micro-batch of ``data.batch_size / S`` sequences per shard rank and inner step (no
     gradient accumulation), clipping at ``inner.grad_clip``, ZeRO stage ``inner.zero_stage``,
-    and the client optimiser allowed. (``config.DEEPSPEED_RESERVED`` lists the keys set here.)
+    and the client optimiser allowed. (``config_rules.DEEPSPEED_RESERVED`` lists the keys set here.)
     """
     ds = copy.deepcopy(cfg.inner.deepspeed)
     zero = dict(ds.get("zero_optimization", {}))
