@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from diloco import faults
 from diloco.checkpoint import Checkpointer
@@ -261,6 +261,40 @@ def train(
         runtime.close()
 
 
+def _build_engine(
+    cfg: Config, runtime: Runtime, vocab_size: int
+) -> tuple[nn.Module, DiLoCo, Any, type[Checkpointer]]:
+    """(model, DiLoCo wrapper, LR scheduler, checkpointer class) of ``inner.engine``: FSDP2
+    (the model sharded over the group's shard ranks), or DeepSpeed ZeRO (the model becomes the
+    DeepSpeed engine; the wrapper reads and writes its flat fp32 partitions)."""
+    if cfg.inner.engine != "deepspeed":
+        model = runtime.parallelize(build_model(cfg, vocab_size), cfg.topology.mixed_precision)
+        dl, scheduler = build_diloco(cfg, model, runtime)
+        return model, dl, scheduler, Checkpointer
+    from diloco.engines.deepspeed import DeepSpeedCheckpointer, build_deepspeed
+
+    model = build_model(cfg, vocab_size).to(runtime.device)
+    optimizer, scheduler = build_inner(cfg, model)
+    inner = build_deepspeed(cfg, model, optimizer, runtime)
+    hooks = {"fast_tensors": inner.fast_tensors, "after_fast_write": inner.refresh_model}
+    dl, _ = build_diloco(cfg, inner.engine, runtime, inner=(inner, scheduler), **hooks)
+    return inner.engine, dl, scheduler, DeepSpeedCheckpointer
+
+
+def _forward_backward(
+    cfg: Config, runtime: Runtime, model: nn.Module, dl: DiLoCo, x: Tensor, y: Tensor, ds: bool
+) -> Tensor:
+    """The loss of one (shard of a) batch, its gradients in the fast weights' ``.grad`` (with
+    DeepSpeed, ``ds``: in the engine, reduced over the shards)."""
+    with runtime.autocast():
+        _, loss = model(x.to(runtime.device), y.to(runtime.device))
+    if ds:
+        dl.inner.backward(loss)
+    else:
+        loss.backward()
+    return loss
+
+
 def _train(
     cfg: Config,
     runtime: Runtime,
@@ -276,22 +310,7 @@ def _train(
     seq_len = cfg.model.block_size
     corpus = load_corpus(cfg.data.source, seq_len)
     deepspeed = cfg.inner.engine == "deepspeed"
-    make_checkpointer: type[Checkpointer] = Checkpointer
-    if deepspeed:  # ZeRO within each group; model becomes the DeepSpeed engine
-        from diloco.engines.deepspeed import DeepSpeedCheckpointer, build_deepspeed
-
-        model = build_model(cfg, corpus.vocab_size).to(runtime.device)
-        optimizer, scheduler = build_inner(cfg, model)
-        inner = build_deepspeed(cfg, model, optimizer, runtime)
-        model = inner.engine
-        hooks = {"fast_tensors": inner.fast_tensors, "after_fast_write": inner.refresh_model}
-        dl, _ = build_diloco(cfg, model, runtime, inner=(inner, scheduler), **hooks)
-        make_checkpointer = DeepSpeedCheckpointer
-    else:
-        model = runtime.parallelize(
-            build_model(cfg, corpus.vocab_size), cfg.topology.mixed_precision
-        )
-        dl, scheduler = build_diloco(cfg, model, runtime)
+    model, dl, scheduler, make_checkpointer = _build_engine(cfg, runtime, corpus.vocab_size)
     stream = BatchStream(
         corpus.train, cfg.data.batch_size, seq_len, cfg.run.seed, stream=runtime.group
     )
@@ -327,16 +346,10 @@ def _train(
     model.train()
     for step in range(first_step, steps + 1):
         t0 = time.perf_counter()
-        x, y = stream.next()
-        x, y = shard_batch(x, y, runtime.shard, runtime.shards)
-        with runtime.autocast():
-            _, loss = model(x.to(runtime.device), y.to(runtime.device))
-        if deepspeed:
-            dl.inner.backward(loss)  # reduces the gradients over the shards; its step clips
-        else:
-            loss.backward()
+        x, y = shard_batch(*stream.next(), runtime.shard, runtime.shards)
+        loss = _forward_backward(cfg, runtime, model, dl, x, y, deepspeed)
         faults.after_backward(step, dl, runtime.rank, runtime.world)  # test-only, env-driven
-        if cfg.inner.grad_clip and not deepspeed:
+        if cfg.inner.grad_clip and not deepspeed:  # DeepSpeed's own step clips
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.inner.grad_clip)
         lr = dl.inner.param_groups[-1]["lr"]
         report = dl.step()
