@@ -306,7 +306,8 @@ _OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                "metavar": "SECTION.KEY=VALUE",
                "help": "override a base config value (repeatable)"}),
     ("--data", {"help": "corpus: embedded, text:PATH or bin:GLOB (default: the config's)"}),
-    ("--out", {"default": "bench_results/optim", "help": "output and cache directory"}),
+    ("--out", {"help": "output and cache directory (default: bench_results/optim, with --quick "
+               "bench_results/optim-quick)"}),
     ("--seeds", {"type": int, "help": "seeds per method's best setting (full: 3, quick: 2)"}),
     ("--sizes", {"nargs": "+", "help": "model sizes: tiny, small, config, or LxE (e.g. 6x256)"}),
     ("--steps", {"nargs": "+", "type": int,
@@ -369,7 +370,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag} must be >= 1, got {value}")
     plan = make_plan(args)
     plan.jobs, plan.threads = _parallelism(args, device_of(plan.base))
-    out = Path(args.out)
+    out = Path(args.out or ("bench_results/optim-quick" if args.quick else "bench_results/optim"))
     with _torch_threads(plan.threads):  # the time probe runs in this process
         if args.plan:
             announce(plan, out, probe=not args.tiny_test)
