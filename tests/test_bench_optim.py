@@ -151,34 +151,37 @@ def _wait_until(condition, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_slots_go_to_the_highest_priority_waiter_first():
-    slots, order, release = _Slots(1), [], threading.Event()
-    threads = [_start(slots, order, "holder", 1, 0, release)]
+def _queue_behind_a_holder(capacity: int, holder_slots: int, waiters: list[tuple[str, int, int]]):
+    """A holder takes ``holder_slots`` of ``capacity`` and keeps them until released; then each
+    (name, slots, priority) of ``waiters`` queues up, in this order. Returns (start order so
+    far, the holder's release event, the threads)."""
+    slots, order, release = _Slots(capacity), [], threading.Event()
+    threads = [_start(slots, order, "holder", holder_slots, 0, release)]
     _wait_until(lambda: order == ["holder"])
-    threads.append(_start(slots, order, "late", 1, 5))
-    _wait_until(lambda: len(slots._queue) == 1)
-    threads.append(_start(slots, order, "urgent", 1, 1))
-    _wait_until(lambda: len(slots._queue) == 2)
+    for queued, (name, n, priority) in enumerate(waiters, start=1):
+        threads.append(_start(slots, order, name, n, priority))
+        _wait_until(lambda queued=queued: len(slots._queue) == queued)
+    return order, release, threads
+
+
+def _release(release: threading.Event, threads: list[threading.Thread]) -> None:
     release.set()
     for thread in threads:
         thread.join(10)
+
+
+def test_slots_go_to_the_highest_priority_waiter_first():
+    order, release, threads = _queue_behind_a_holder(1, 1, [("late", 1, 5), ("urgent", 1, 1)])
+    _release(release, threads)
     assert order == ["holder", "urgent", "late"]
 
 
 def test_a_two_slot_run_at_the_head_is_not_overtaken_by_one_slot_runs():
-    slots, order, release = _Slots(2), [], threading.Event()
-    threads = [_start(slots, order, "one-slot holder", 1, 0, release)]
-    _wait_until(lambda: order == ["one-slot holder"])
-    threads.append(_start(slots, order, "G=2 run", 2, 1))
-    _wait_until(lambda: len(slots._queue) == 1)
-    threads.append(_start(slots, order, "G=1 run", 1, 2))
-    _wait_until(lambda: len(slots._queue) == 2)
+    order, release, threads = _queue_behind_a_holder(2, 1, [("G=2 run", 2, 1), ("G=1 run", 1, 2)])
     time.sleep(0.2)  # one slot is free, but the head of the queue needs two
-    assert order == ["one-slot holder"]
-    release.set()
-    for thread in threads:
-        thread.join(10)
-    assert order == ["one-slot holder", "G=2 run", "G=1 run"]
+    assert order == ["holder"]
+    _release(release, threads)
+    assert order == ["holder", "G=2 run", "G=1 run"]
 
 
 def test_two_slot_requests_are_capped_at_the_capacity():
