@@ -170,6 +170,11 @@ class Runtime:
             return self.device
         return torch.device("cpu")
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (nothing to wait for in one process)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
     def close(self) -> None:
         """Tear down the process group if this runtime created it."""
         if self._owns_process_group and dist.is_initialized():

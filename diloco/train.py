@@ -256,7 +256,9 @@ def train(
         msg = f"outer.compress={o.compress} does nothing with one group (nothing is exchanged)"
         warn(msg, runtime.is_main)
     try:
-        return _train(cfg, runtime, resume, force, on_log, on_checkpoint)
+        summary = _train(cfg, runtime, resume, force, on_log, on_checkpoint)
+        runtime.barrier()  # no rank tears its process group down while another still talks
+        return summary
     finally:
         runtime.close()
 
