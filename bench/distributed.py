@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without installing the package
+
+from diloco.local_launch import child_env, torchrun_cmd  # noqa: E402
+
 BASE = [
     "run.device=cpu",
     "run.progress=false",
@@ -53,7 +56,6 @@ BASE = [
 
 def _worker(out: Path, overrides: list[str]) -> None:
     """Under torchrun: train, recording every rank's SyncReports and summary in rank<r>.json."""
-    sys.path.insert(0, str(ROOT))
     import torch.distributed
 
     from diloco.config import load_config
@@ -82,12 +84,6 @@ def _worker(out: Path, overrides: list[str]) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, groups: int, shards: int, overrides: list[str]) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rank*.json"):
@@ -95,13 +91,8 @@ def _launch(out: Path, groups: int, shards: int, overrides: list[str]) -> list[d
     world = groups * shards
     sets = [*overrides, f"run.out_dir={out}", f"topology.groups={groups}",
             f"topology.shards={shards}"]  # fmt: skip
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        str(Path(__file__).resolve()), "--worker", str(out), "--", *sets,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # fmt: skip
+    cmd = torchrun_cmd(world, str(Path(__file__).resolve()), "--worker", str(out), "--", *sets)
+    env = child_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{groups}x{shards} failed:\n{result.stderr[-3000:]}")
@@ -109,7 +100,6 @@ def _launch(out: Path, groups: int, shards: int, overrides: list[str]) -> list[d
 
 
 def _param_count(overrides: list[str]) -> int:
-    sys.path.insert(0, str(ROOT))
     from diloco.config import load_config
     from diloco.models import GPT, GPTConfig
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without installing the package
+
+from diloco.local_launch import child_env, torchrun_cmd  # noqa: E402
+
 TINY = [
     "model.n_layer=2",
     "model.n_embd=32",
@@ -49,16 +52,9 @@ TINY = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str]) -> tuple[float, dict[str, float], str]:
     """Run ``cmd``; returns (wall s, {marker: seconds after start of its first stderr line})."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = child_env()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
@@ -86,11 +82,7 @@ def _run(cmd: list[str]) -> tuple[float, dict[str, float], str]:
 def measure(launcher: str, out: Path, overrides: list[str], nproc: int) -> dict[str, float]:
     sets = [a for o in [*overrides, f"run.out_dir={out}"] for a in ("--set", o)]
     if launcher == "torchrun":
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-            "-m", "diloco", "train", *sets,
-        ]  # fmt: skip
+        cmd = torchrun_cmd(nproc, "-m", "diloco", "train", *sets)
     else:
         cmd = [sys.executable, "-m", "diloco", "launch", "ray", *sets, "--address", "local"]
     wall, seen, log = _run(cmd)

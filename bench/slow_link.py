@@ -64,7 +64,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -73,6 +72,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without installing the package
+
+from diloco.local_launch import child_env, free_port  # noqa: E402
+
 NS = ("dl0", "dl1")
 VETH = ("dlv0", "dlv1")
 ADDR = ("169.254.77.1", "169.254.77.2")
@@ -117,7 +120,6 @@ def method_overrides(method: str, K: int, P: int, tau: int, batch: int) -> list[
 
 def compression_available() -> bool:
     """Whether this checkout's training job honours ``outer.compress`` (diloco/compress.py)."""
-    sys.path.insert(0, str(ROOT))
     try:
         from diloco.topology import init_runtime
 
@@ -323,7 +325,6 @@ def install_throttle(rate: float, delay_s: float) -> _Uplink:
 def _throttled_worker(rate: float, delay_s: float, out: Path, argv: list[str]) -> None:
     """Under torchrun (fallback): train with the throttle installed; rank r writes
     ``throttle<r>.json`` with the bytes its uplink carried."""
-    sys.path.insert(0, str(ROOT))
     link = install_throttle(rate, delay_s)
     from diloco.cli import main
 
@@ -337,22 +338,6 @@ def _throttled_worker(rate: float, delay_s: float, out: Path, argv: list[str]) -
 # running one method
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        **(extra or {}),
-    }
-
-
 def launch(
     out: Path, overrides: list[str], mechanism: str, timeout: float, rate: float, delay_s: float
 ) -> None:
@@ -363,7 +348,7 @@ def launch(
     for old in [*out.glob("*.json*"), *out.glob("node*.log")]:
         old.unlink()
     sets = [a for o in [*overrides, f"run.out_dir={out}"] for a in ("--set", o)]
-    master, port = (ADDR[0], 29500) if mechanism == "netns" else ("127.0.0.1", _free_port())
+    master, port = (ADDR[0], 29500) if mechanism == "netns" else ("127.0.0.1", free_port())
     procs: list[subprocess.Popen] = []
     try:
         for node in (0, 1):
@@ -380,7 +365,7 @@ def launch(
                    "--master-port", str(port), *target]  # fmt: skip
             with open(out / f"node{node}.log", "w") as log:
                 procs.append(
-                    subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=log,
+                    subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=log,
                                      start_new_session=True)
                 )  # fmt: skip
         deadline = time.perf_counter() + timeout
@@ -415,14 +400,12 @@ def per_step_seconds(records: list[dict], skip: int) -> float:
 
 
 def read_records(run: Path) -> list[dict]:
-    sys.path.insert(0, str(ROOT))
     from diloco.metrics import read_metrics
 
     return read_metrics(run / "metrics.jsonl")
 
 
 def param_count(overrides: list[str]) -> int:
-    sys.path.insert(0, str(ROOT))
     from diloco.config import load_config
     from diloco.models import GPT, GPTConfig
 
@@ -648,7 +631,6 @@ def main() -> None:
 
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from diloco.config import load_config
 
     tokens = args.batch * load_config(None, common).model.block_size * 2

@@ -6,33 +6,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from diloco.local_launch import child_env, torchrun_cmd
 from diloco.metrics import read_metrics
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """One thread per process (NOTES.md), private torchrun stores, this checkout importable."""
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        **(extra or {}),
-    }
 
 
 def sets(overrides: Sequence[str]) -> list[str]:
@@ -59,20 +39,6 @@ def tiny_overrides(steps: int, k: int, *extra: str) -> list[str]:
         "topology.mixed_precision=fp32",
         *extra,
     ]
-
-
-def torchrun_cmd(nproc: int, *target: str, restarts: int | None = None) -> list[str]:
-    """``python -m torch.distributed.run --nproc-per-node nproc TARGET…`` on loopback: a static
-    free port, or with ``restarts`` the standalone c10d rendezvous (on gloo, restarts only work
-    with it; NOTES.md)."""
-    if restarts is None:
-        rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    else:
-        rendezvous = ["--standalone", "--max-restarts", str(restarts)]
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        *rendezvous, *target,
-    ]  # fmt: skip
 
 
 def run_torchrun(

@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:  # when run as a script to regenerate docs/errors.
 
 from diloco import cli, faults  # noqa: E402
 from diloco.config import load_config  # noqa: E402
+from diloco.local_launch import child_env  # noqa: E402
 from diloco.train import train  # noqa: E402
 
 DOC = REPO / "docs" / "errors.md"
@@ -681,14 +682,10 @@ def test_bad_input_gives_one_clear_line_and_loses_nothing(c, shared, tmp_path):
     ],
 )
 def test_real_cli_prints_one_line_without_traceback(args, tmp_path):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
     proc = subprocess.run(
         [sys.executable, "-m", "diloco", *args],
         cwd=tmp_path,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,

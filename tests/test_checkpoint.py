@@ -9,7 +9,6 @@ test-only environment variables of :mod:`diloco.faults`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,13 +21,13 @@ from diloco import faults
 from diloco.cli import main
 from diloco.config import load_config
 from diloco.data import eval_batches, load_corpus
+from diloco.local_launch import REPO, child_env
 from diloco.metrics import read_metrics
 from diloco.models import GPT, GPTConfig
 from diloco.resume import list_checkpoints, read_meta
 from diloco.topology import Runtime
 from diloco.train import evaluate, train
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, K = 24, 4
 
 
@@ -136,12 +135,7 @@ def test_resume_after_crash_gives_identical_metrics(corpus, tmp_path, monkeypatc
 
 def test_crash_between_write_and_rename_resumes_from_previous(corpus, reference, tmp_path):
     out = tmp_path / "run"
-    env = {
-        **os.environ,
-        faults.CRASH_BEFORE_RENAME: "16",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env({faults.CRASH_BEFORE_RENAME: "16"})
     sets = [a for o in tiny(corpus, out) for a in ("--set", o)]
     proc = subprocess.run(
         [sys.executable, "-m", "diloco", "train", *sets],

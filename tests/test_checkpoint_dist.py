@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_torchrun, same_fields, tiny_overrides
+from helpers import run_torchrun, same_fields, tiny_overrides
 from safetensors.torch import load_file
 
 from diloco import faults
 from diloco.cli import main
 from diloco.config import load_config
 from diloco.data import eval_batches, load_corpus
+from diloco.local_launch import REPO
 from diloco.metrics import read_metrics
 from diloco.models import GPT, GPTConfig
 from diloco.topology import Runtime

@@ -25,9 +25,7 @@ import math
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +36,7 @@ from typing import Any
 
 from diloco.config import config_from_dict, config_to_dict, dump_config
 from diloco.errors import DilocoError
+from diloco.local_launch import child_env, torchrun_cmd
 
 __all__ = ["RunSpec", "Runner", "run_key"]
 
@@ -327,12 +326,6 @@ def _finite_or_none(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(cfg: Any, nproc: int, run_dir: Path, threads: int | None) -> None:
     """One ``torchrun --nproc-per-node nproc -m diloco train`` run (G groups of S=1)."""
     from diloco.wrapper import NonFiniteError
@@ -340,18 +333,8 @@ def _launch(cfg: Any, nproc: int, run_dir: Path, threads: int | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     launch_cfg = run_dir / "launch.yaml"
     dump_config(cfg, launch_cfg)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        "-m", "diloco", "train", "--config", str(launch_cfg),
-    ]  # fmt: skip
-    root = str(Path(__file__).resolve().parents[2])  # so a non-installed checkout works
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads or 1),
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-    }
+    cmd = torchrun_cmd(nproc, "-m", "diloco", "train", "--config", str(launch_cfg))
+    env = child_env({"OMP_NUM_THREADS": str(threads or 1)})
     log_path = run_dir / "launch.log"
     with open(log_path, "w", encoding="utf-8") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
