@@ -277,6 +277,7 @@ REDUCER_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from diloco.reduce import MeshReducer
+    from diloco.topology import destroy_process_groups
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (3, 1), mesh_dim_names=("group", "shard"))
@@ -313,7 +314,8 @@ REDUCER_SCRIPT = textwrap.dedent(
                 red.average(ts)
                 out[mode, "nan"] = {"mean": ts, "residuals": [e.clone() for e in res]}
     torch.save(out, f"{sys.argv[1]}/rank{g}.pt")
-    dist.destroy_process_group()
+    del red, mesh
+    destroy_process_groups()
     """
 )
 SHAPES = [(5, 3), (7,), (300,), (40, 10)]

@@ -338,8 +338,11 @@ REDUCER_CHECKS = textwrap.dedent(
     out["snoo_calls"] = len(calls)
     out["shard_sum"] = float(snoo.sum_over_shards(torch.tensor(1.0 + g, dtype=torch.float64)))
     out["shard_calls"] = len(calls)
-    json.dump(out, open(f"{sys.argv[1]}/rank{dist.get_rank()}.json", "w"))
+    rank = dist.get_rank()
+    del reducer, snoo  # nothing may hold a process group past close()
     rt.close()
+    out["after_close"] = [dist.is_initialized(), rt.mesh is None, type(rt.reducer).__name__]
+    json.dump(out, open(f"{sys.argv[1]}/rank{rank}.json", "w"))
     """
 )
 
@@ -371,3 +374,4 @@ def test_mesh_reducer_averages_buckets_and_reports_exact_stats(tmp_path):
         assert out["mismatch"].startswith("group 1 weights differ from group 0's")
         assert out["snoo_stats"] == {} and out["snoo_calls"] == 0
         assert out["shard_sum"] == 3.0 and out["shard_calls"] == 1
+        assert out["after_close"] == [False, True, "SingleGroup"]  # groups torn down and freed

@@ -302,6 +302,7 @@ WORKER = textwrap.dedent(
     import torch.distributed as dist
     import diloco.train as T
     from diloco.config import load_config
+    from diloco.topology import destroy_process_groups
 
     out, overrides = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")
@@ -323,7 +324,8 @@ WORKER = textwrap.dedent(
         record = {"class": type(dl).__name__, "events": list(getattr(dl, "events", []))}
         with open(f"{out}/{name}/rank{dist.get_rank()}.json", "w") as f:
             json.dump(record, f)
-    dist.destroy_process_group()
+    built.clear()
+    destroy_process_groups()
     """
 )
 

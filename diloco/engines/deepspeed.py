@@ -270,6 +270,7 @@ def _ensure_process_group(runtime: Runtime) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on a launcher's variable
     backend = "nccl" if runtime.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    runtime.owns_process_group = True
     runtime.mesh = init_device_mesh(runtime.device.type, (1, 1), mesh_dim_names=("group", "shard"))
     runtime.reducer = MeshReducer(runtime.mesh)
 
