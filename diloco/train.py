@@ -284,7 +284,7 @@ def _build_engine(
 
 
 def _forward_backward(
-    cfg: Config, runtime: Runtime, model: nn.Module, dl: DiLoCo, x: Tensor, y: Tensor, ds: bool
+    runtime: Runtime, model: nn.Module, dl: DiLoCo, x: Tensor, y: Tensor, ds: bool
 ) -> Tensor:
     """The loss of one (shard of a) batch, its gradients in the fast weights' ``.grad`` (with
     DeepSpeed, ``ds``: in the engine, reduced over the shards)."""
@@ -349,7 +349,7 @@ def _train(
     for step in range(first_step, steps + 1):
         t0 = time.perf_counter()
         x, y = shard_batch(*stream.next(), runtime.shard, runtime.shards)
-        loss = _forward_backward(cfg, runtime, model, dl, x, y, deepspeed)
+        loss = _forward_backward(runtime, model, dl, x, y, deepspeed)
         faults.after_backward(step, dl, runtime.rank, runtime.world)  # test-only, env-driven
         if cfg.inner.grad_clip and not deepspeed:  # DeepSpeed's own step clips
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.inner.grad_clip)
