@@ -152,7 +152,7 @@ def validate(cfg: Config) -> None:
         outer.sync_delay < outer.sync_every,
         f"outer.sync_delay ({outer.sync_delay}) must be < outer.sync_every ({outer.sync_every})",
     )
-    # Streaming (diloco/streaming.py): fragment i is applied at step offset (i+1)·K/P, so K/P
+    # Streaming (diloco/fragments.py): fragment i is applied at step offset (i+1)·K/P, so K/P
     # must be whole, and a reduction started τ steps earlier must land before the next starts
     # (then none is in flight at a round boundary, where checkpoints are taken).
     _check(

@@ -42,12 +42,13 @@ from diloco.checkpoint import Checkpointer
 from diloco.config import Config, dump_config
 from diloco.data import BatchStream, eval_batches, load_corpus, shard_batch
 from diloco.errors import ConfigError, TopologyError, warn
+from diloco.fragments import streaming_options
 from diloco.inner import build_inner_optimizer, build_scheduler
 from diloco.metrics import MetricsLogger, peak_rss_mb
 from diloco.models import GPT, GPTConfig
 from diloco.progress import ProgressBar
 from diloco.resume import plan_resume
-from diloco.streaming import StreamingDiLoCo, streaming_options
+from diloco.streaming import StreamingDiLoCo
 from diloco.topology import Runtime, init_runtime
 from diloco.wrapper import DiLoCo, SyncReport
 

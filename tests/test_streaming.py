@@ -1,4 +1,5 @@
-"""Specification of Streaming DiLoCo (diloco/streaming.py): fragments, schedule, overlap, resume.
+"""Specification of Streaming DiLoCo (diloco/streaming.py, diloco/fragments.py): fragments,
+schedule, overlap, resume.
 
 The reference maths and the expected schedule are written here from the module docstring
 (DESIGN.md §1, torchft's fragment semantics), independently of the code under test:
@@ -26,10 +27,11 @@ from diloco import faults
 from diloco.config import load_config
 from diloco.data import eval_batches, load_corpus
 from diloco.errors import DilocoError
+from diloco.fragments import assign_fragments, fragment_schedule
 from diloco.metrics import read_metrics
 from diloco.models import GPT, GPTConfig
 from diloco.resume import list_checkpoints, read_meta
-from diloco.streaming import StreamingDiLoCo, assign_fragments, fragment_schedule
+from diloco.streaming import StreamingDiLoCo
 from diloco.topology import Runtime
 from diloco.train import evaluate, train
 
@@ -53,7 +55,7 @@ def one_thread():
 
 
 def expected_fragments(names: list[str], numels: list[int], P: int) -> list[int]:
-    """The documented assignment, written out independently of diloco.streaming."""
+    """The documented assignment, written out independently of diloco.fragments."""
     out, sizes = {}, [0] * P
     for k, name in enumerate(names):
         if name.startswith("blocks."):
