@@ -1,8 +1,8 @@
 """diloco: low-communication two-loop training (DiLoCo, SNOO, EMA-Nesterov) for PyTorch."""
 
-from diloco.outer import EMANesterov, Nesterov, OuterOptimizer
-from diloco.streaming import StreamingDiLoCo
-from diloco.wrapper import DiLoCo, NonFiniteError, SyncReport
+from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.algorithm.streaming import StreamingDiLoCo
+from diloco.algorithm.wrapper import DiLoCo, NonFiniteError, SyncReport
 
 __all__ = [
     "DiLoCo",

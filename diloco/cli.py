@@ -36,7 +36,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from diloco.config import load_config
-    from diloco.train import train
+    from diloco.job.train import train
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume, force=args.force)
@@ -50,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from diloco.export import export
+    from diloco.persist.export import export
 
     info = export(args.run_dir, args.out)
     print(
@@ -61,7 +61,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _load_runs(args: argparse.Namespace) -> list:
-    from diloco.runs import load_run
+    from diloco.reports.runs import load_run
 
     labels = args.labels or [None] * len(args.run_dirs)
     if len(labels) != len(args.run_dirs):
@@ -73,7 +73,7 @@ def _load_runs(args: argparse.Namespace) -> list:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from diloco.plot import plot_runs
+    from diloco.reports.plot import plot_runs
 
     out = plot_runs(_load_runs(args), args.out, title=args.title)
     print(f"wrote {out}")
@@ -81,7 +81,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from diloco.summary import format_json, format_markdown, summary_row
+    from diloco.reports.summary import format_json, format_markdown, summary_row
 
     rows = [summary_row(run) for run in _load_runs(args)]
     print(format_json(rows) if args.json else format_markdown(rows), end="")
@@ -132,7 +132,7 @@ def _add_report_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _add_launch_parser(sub: argparse._SubParsersAction) -> None:
     """``launch ray``: the same job on G·S Ray workers (Ray is imported only when it runs)."""
-    from diloco.ray_launcher import add_arguments, run_from_args
+    from diloco.launchers.ray_launcher import add_arguments, run_from_args
 
     p = sub.add_parser("launch", help="run diloco train under a launcher (ray)")
     kinds = p.add_subparsers(dest="launcher", required=True)

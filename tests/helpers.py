@@ -11,8 +11,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from diloco.local_launch import child_env, torchrun_cmd
-from diloco.metrics import read_metrics
+from diloco.job.metrics import read_metrics
+from diloco.launchers.local import child_env, torchrun_cmd
 
 
 def sets(overrides: Sequence[str]) -> list[str]:

@@ -34,10 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a script to regenerate docs/errors.md
     sys.path.insert(0, str(REPO))
 
-from diloco import cli, faults  # noqa: E402
+from diloco import cli  # noqa: E402
 from diloco.config import load_config  # noqa: E402
-from diloco.local_launch import child_env  # noqa: E402
-from diloco.train import train  # noqa: E402
+from diloco.job.train import train  # noqa: E402
+from diloco.launchers.local import child_env  # noqa: E402
+from diloco.testing import faults  # noqa: E402
 
 DOC = REPO / "docs" / "errors.md"
 BIN_MAGIC = 20240520

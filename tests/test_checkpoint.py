@@ -3,7 +3,7 @@
 A resumed run must write the same ``metrics.jsonl`` as an uninterrupted one (same steps, same
 losses, bit for bit on the CPU); timing fields aside. Crashes are simulated in-process (an
 exception out of the loop) or, where the process itself must die, in a subprocess with the
-test-only environment variables of :mod:`diloco.faults`.
+test-only environment variables of :mod:`diloco.testing.faults`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from diloco import faults
 from diloco.cli import main
+from diloco.comm.topology import Runtime
 from diloco.config import load_config
-from diloco.data import eval_batches, load_corpus
-from diloco.local_launch import REPO, child_env
-from diloco.metrics import read_metrics
+from diloco.job.data import eval_batches, load_corpus
+from diloco.job.metrics import read_metrics
+from diloco.job.train import evaluate, train
+from diloco.launchers.local import REPO, child_env
 from diloco.models import GPT, GPTConfig
-from diloco.resume import list_checkpoints, read_meta
-from diloco.topology import Runtime
-from diloco.train import evaluate, train
+from diloco.persist.resume import list_checkpoints, read_meta
+from diloco.testing import faults
 
 STEPS, K = 24, 4
 

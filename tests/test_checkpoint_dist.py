@@ -19,15 +19,15 @@ import torch
 from helpers import run_torchrun, same_fields, tiny_overrides
 from safetensors.torch import load_file
 
-from diloco import faults
 from diloco.cli import main
+from diloco.comm.topology import Runtime
 from diloco.config import load_config
-from diloco.data import eval_batches, load_corpus
-from diloco.local_launch import REPO
-from diloco.metrics import read_metrics
+from diloco.job.data import eval_batches, load_corpus
+from diloco.job.metrics import read_metrics
+from diloco.job.train import evaluate, train
+from diloco.launchers.local import REPO
 from diloco.models import GPT, GPTConfig
-from diloco.topology import Runtime
-from diloco.train import evaluate, train
+from diloco.testing import faults
 
 pytestmark = pytest.mark.slow
 

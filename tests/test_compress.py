@@ -1,6 +1,6 @@
 """Specification of compressed pseudo-gradients (``outer.compress``): codecs, error feedback, bytes.
 
-Reference maths lives here, written from the docstring of :mod:`diloco.compress`: int8 is
+Reference maths lives here, written from the docstring of :mod:`diloco.comm.compress`: int8 is
 symmetric per-block absmax/127 scaling; the exchange averages the decoded chunks of the G groups
 in fp32, re-encodes the average once and every group decodes the same bytes; error feedback
 keeps e_g = x_g − dec(enc(x_g)) plus, on the owner of a chunk, G·(a − t).
@@ -21,8 +21,7 @@ import torch
 from helpers import run_torchrun, run_torchrun_script, same_fields, tiny_overrides
 from torch.distributed.checkpoint import FileSystemReader
 
-from diloco import faults
-from diloco.compress import (
+from diloco.comm.compress import (
     ErrorFeedback,
     bytes_sent,
     dequantize_int8,
@@ -32,7 +31,8 @@ from diloco.compress import (
     make_codec,
     quantize_int8,
 )
-from diloco.metrics import read_metrics
+from diloco.job.metrics import read_metrics
+from diloco.testing import faults
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def ref_exchange(xs: list[torch.Tensor], compress: str, block: int) -> torch.Ten
 
 
 def simulate(xs: list[torch.Tensor], compress: str, block: int):
-    """The exchange with diloco.compress's three steps, G groups in one process.
+    """The exchange with diloco.comm.compress's three steps, G groups in one process.
 
     Returns (t, [x_g − dec(enc(x_g)) per g], [owner's a − t on its chunk per g]).
     """
@@ -276,8 +276,8 @@ REDUCER_SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from diloco.reduce import MeshReducer
-    from diloco.topology import destroy_process_groups
+    from diloco.comm.mesh import MeshReducer
+    from diloco.comm.topology import destroy_process_groups
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (3, 1), mesh_dim_names=("group", "shard"))

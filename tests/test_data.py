@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diloco.data import (
+from diloco.errors import CheckpointError, DataError
+from diloco.job.data import (
     BIN_MAGIC,
     GPT2_VOCAB,
     BatchStream,
@@ -19,7 +20,6 @@ from diloco.data import (
     shard_batch,
     stdlib_files,
 )
-from diloco.errors import CheckpointError, DataError
 
 
 def write_shard(

@@ -37,7 +37,7 @@ import torch
 from helpers import run_cli, run_torchrun, same_fields, tiny_overrides
 
 from diloco.errors import CheckpointError, ConfigError
-from diloco.metrics import read_metrics
+from diloco.job.metrics import read_metrics
 
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="needs pip install -e '.[deepspeed]'"
@@ -200,7 +200,7 @@ def test_resume_from_a_deepspeed_checkpoint_is_exact(runs, stage):
 def test_resume_with_another_shard_count_is_refused(runs):
     """ZeRO partitions (and θ shaped like them) are laid out for S: another S is refused
     before anything is loaded."""
-    from diloco.engines.deepspeed import DeepSpeedCheckpointer
+    from diloco.job.engines.deepspeed import DeepSpeedCheckpointer
 
     ckpt = runs.get("zero2") / "checkpoints" / f"step_{RESUME_AT}"
     checkpointer = DeepSpeedCheckpointer.__new__(DeepSpeedCheckpointer)
@@ -210,7 +210,7 @@ def test_resume_with_another_shard_count_is_refused(runs):
 
 
 def test_missing_deepspeed_is_a_config_error(monkeypatch):
-    from diloco.engines.deepspeed import import_deepspeed
+    from diloco.job.engines.deepspeed import import_deepspeed
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed raises ImportError
@@ -220,8 +220,8 @@ def test_missing_deepspeed_is_a_config_error(monkeypatch):
 
 def test_deepspeed_config_merges_the_passthrough_under_what_diloco_sets():
     from diloco.config import load_config
-    from diloco.config_rules import DEEPSPEED_RESERVED
-    from diloco.engines.deepspeed import deepspeed_config
+    from diloco.config.rules import DEEPSPEED_RESERVED
+    from diloco.job.engines.deepspeed import deepspeed_config
 
     passthrough = "inner.deepspeed={zero_optimization: {overlap_comm: false}, steps_per_print: 5}"
     cfg = load_config(None, [*TINY, *zero(3), "inner.grad_clip=0.5", passthrough])

@@ -24,10 +24,10 @@ import torch
 from helpers import run_torchrun, run_torchrun_script, tiny_overrides
 
 from diloco.config import load_config
-from diloco.data import BatchStream, eval_batches, load_corpus
-from diloco.inner import build_inner_optimizer, build_scheduler
-from diloco.metrics import read_metrics
-from diloco.train import build_model, train
+from diloco.job.data import BatchStream, eval_batches, load_corpus
+from diloco.job.inner import build_inner_optimizer, build_scheduler
+from diloco.job.metrics import read_metrics
+from diloco.job.train import build_model, train
 
 pytestmark = pytest.mark.slow
 
@@ -311,8 +311,8 @@ REDUCER_CHECKS = textwrap.dedent(
     from torch.distributed.device_mesh import init_device_mesh
     from diloco.config import TopologyConfig
     from diloco.errors import TopologyError
-    from diloco.reduce import MeshReducer
-    from diloco.topology import init_runtime
+    from diloco.comm.mesh import MeshReducer
+    from diloco.comm.topology import init_runtime
 
     rt = init_runtime(TopologyConfig(groups=2, shards=1, backend="gloo"), "cpu")
     g = rt.group

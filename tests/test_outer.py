@@ -4,13 +4,13 @@ Tensors are float64 so that the comparisons test the maths, not float32 rounding
 of differences θ_{t+1} − θ_t and loses relative precision in float32).
 
 The reference maths is written here per tensor in plain Python, independently of
-``diloco.outer``; only ``torch.optim.SGD`` is used as an outside oracle for Nesterov.
+``diloco.algorithm.outer``; only ``torch.optim.SGD`` is used as an outside oracle for Nesterov.
 """
 
 import pytest
 import torch
 
-from diloco.outer import EMANesterov, Nesterov
+from diloco.algorithm.outer import EMANesterov, Nesterov
 
 SHAPES = [(7, 5), (5,), (3, 4, 2), ()]
 ROUNDS = 60

@@ -10,7 +10,7 @@ import pytest
 
 from diloco.cli import main
 from diloco.errors import DilocoError
-from diloco.runs import load_run, method_label
+from diloco.reports.runs import load_run, method_label
 
 TINY = [
     "model.n_layer=1",
@@ -66,7 +66,7 @@ def test_plot_writes_a_png_of_both_runs(runs, tmp_path):
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(runs, tmp_path, monkeypatch):
-    from diloco.plot import plot_runs
+    from diloco.reports.plot import plot_runs
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     with pytest.raises(DilocoError, match="pip install matplotlib"):

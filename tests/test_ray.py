@@ -22,13 +22,18 @@ from pathlib import Path
 import pytest
 from helpers import child_env, run_cli, run_torchrun, same_fields, sets, tiny_overrides
 
-from diloco import faults
 from diloco.config import load_config
 from diloco.errors import CheckpointError, DataError
-from diloco.metrics import read_metrics
-from diloco.ray_launcher import fit_error, launch_ray
-from diloco.ray_plan import RayLaunchError, RayResourceError, check_resources, plan_workers
-from diloco.ray_worker import choose_resume, stage_checkpoint
+from diloco.job.metrics import read_metrics
+from diloco.launchers.ray_launcher import fit_error, launch_ray
+from diloco.launchers.ray_plan import (
+    RayLaunchError,
+    RayResourceError,
+    check_resources,
+    plan_workers,
+)
+from diloco.launchers.ray_worker import choose_resume, stage_checkpoint
+from diloco.testing import faults
 
 pytest.importorskip("ray")
 

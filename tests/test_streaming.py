@@ -1,5 +1,5 @@
-"""Specification of Streaming DiLoCo (diloco/streaming.py, diloco/fragments.py): fragments,
-schedule, overlap, resume.
+"""Specification of Streaming DiLoCo (diloco/algorithm/streaming.py, diloco/algorithm/fragments.py):
+fragments, schedule, overlap, resume.
 
 The reference maths and the expected schedule are written here from the module docstring
 (DESIGN.md §1, torchft's fragment semantics), independently of the code under test:
@@ -23,17 +23,17 @@ import pytest
 import torch
 from helpers import run_torchrun_script, tiny_overrides
 
-from diloco import faults
+from diloco.algorithm.fragments import assign_fragments, fragment_schedule
+from diloco.algorithm.streaming import StreamingDiLoCo
+from diloco.comm.topology import Runtime
 from diloco.config import load_config
-from diloco.data import eval_batches, load_corpus
 from diloco.errors import DilocoError
-from diloco.fragments import assign_fragments, fragment_schedule
-from diloco.metrics import read_metrics
+from diloco.job.data import eval_batches, load_corpus
+from diloco.job.metrics import read_metrics
+from diloco.job.train import evaluate, train
 from diloco.models import GPT, GPTConfig
-from diloco.resume import list_checkpoints, read_meta
-from diloco.streaming import StreamingDiLoCo
-from diloco.topology import Runtime
-from diloco.train import evaluate, train
+from diloco.persist.resume import list_checkpoints, read_meta
+from diloco.testing import faults
 
 STEPS, K = 16, 4
 TINY = tiny_overrides(
@@ -55,7 +55,7 @@ def one_thread():
 
 
 def expected_fragments(names: list[str], numels: list[int], P: int) -> list[int]:
-    """The documented assignment, written out independently of diloco.fragments."""
+    """The documented assignment, written out independently of diloco.algorithm.fragments."""
     out, sizes = {}, [0] * P
     for k, name in enumerate(names):
         if name.startswith("blocks."):
@@ -203,7 +203,7 @@ def test_state_cannot_be_saved_while_an_average_is_in_flight():
 def single(out: Path, *extra: str, force_streaming: bool = False, monkeypatch=None) -> dict:
     if force_streaming:  # P=1, τ=0, α=0 through StreamingDiLoCo (the config would pick DiLoCo)
         monkeypatch.setattr(
-            "diloco.train.streaming_options",
+            "diloco.job.train.streaming_options",
             lambda o: {"fragments": 1, "sync_delay": 0, "mix_alpha": 0.0},
         )
     try:
@@ -302,9 +302,9 @@ WORKER = textwrap.dedent(
     # forced to P=1/τ=0, and P=2/τ=1); each rank records its wrapper's schedule events.
     import json, sys
     import torch.distributed as dist
-    import diloco.train as T
+    import diloco.job.train as T
     from diloco.config import load_config
-    from diloco.topology import destroy_process_groups
+    from diloco.comm.topology import destroy_process_groups
 
     out, overrides = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E4
 )
 
 from diloco.cli import main  # noqa: E402
-from diloco.metrics import MetricsLogger, read_metrics  # noqa: E402
+from diloco.job.metrics import MetricsLogger, read_metrics  # noqa: E402
 
 
 def scalars(log_dir, tag: str) -> list[tuple[int, float]]:

@@ -1,7 +1,8 @@
 """Specification of the DiLoCo wrapper: rounds, pseudo-gradient, EMA-Nesterov, state, guards.
 
-Reference maths lives in this file, per tensor, written independently of ``diloco.outer`` and
-``diloco.wrapper``. Outside oracles: ``torch.optim.AdamW`` / ``SGD`` as the inner step A.
+Reference maths lives in this file, per tensor, written independently of
+``diloco.algorithm.outer`` and ``diloco.algorithm.wrapper``. Outside oracles:
+``torch.optim.AdamW`` / ``SGD`` as the inner step A.
 """
 
 import copy
@@ -11,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from diloco.algorithm.wrapper import DiLoCo, NonFiniteError
 from diloco.errors import CheckpointError
-from diloco.inner import build_inner_optimizer
+from diloco.job.inner import build_inner_optimizer
 from diloco.models import GPT, GPTConfig
-from diloco.wrapper import DiLoCo, NonFiniteError
 
 IN, HIDDEN, OUT = 6, 16, 3
 LR, WD = 1e-2, 0.1

@@ -289,7 +289,7 @@ def _shrink_for_test(plan: Plan) -> None:
 
 
 def _check_data(plan: Plan) -> None:
-    from diloco.data import load_corpus
+    from diloco.job.data import load_corpus
 
     block = max(s.get("block_size", plan.base["model"]["block_size"]) for s in plan.sizes.values())
     corpus = load_corpus(plan.base["data"]["source"], block)
@@ -304,7 +304,7 @@ def _check_data(plan: Plan) -> None:
 
 def _probe_ms(plan: Plan, out: Path, size: str, inner: str) -> float:
     """Milliseconds per inner step of a 24-step plain run (for the time estimate)."""
-    from diloco.train import train
+    from diloco.job.train import train
 
     m = BY_NAME[inner]
     cfg = run_config(plan, m, size, 24, 0, {})

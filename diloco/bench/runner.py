@@ -1,6 +1,6 @@
 """Running the benchmark's trainings: cached, several at once, on a fixed number of CPU slots.
 
-A run is one :func:`diloco.train.train` call (G=1, in a worker process of a pool) or one
+A run is one :func:`diloco.job.train.train` call (G=1, in a worker process of a pool) or one
 ``torchrun`` job of G ranks (G>1, launched from the calling thread), writing into
 ``OUT/runs/<key>``. ``key`` hashes the run's resolved config, so a run whose ``summary.json``
 (or, for a diverged run, ``failed.json``) exists is read back instead of run again: an
@@ -36,7 +36,7 @@ from typing import Any
 
 from diloco.config import config_from_dict, config_to_dict, dump_config
 from diloco.errors import DilocoError
-from diloco.local_launch import child_env, torchrun_cmd
+from diloco.launchers.local import child_env, torchrun_cmd
 
 __all__ = ["RunSpec", "Runner", "run_key"]
 
@@ -248,8 +248,8 @@ def execute(
 ) -> dict[str, Any]:
     """Train ``cfg_dict`` into ``run_dir`` (in this process for one group, else by torchrun);
     a diverged run is a result like any other and is cached as ``failed.json``."""
+    from diloco.algorithm.wrapper import NonFiniteError
     from diloco.config import Config
-    from diloco.wrapper import NonFiniteError
 
     path = Path(run_dir)
     cfg_dict = json.loads(json.dumps(cfg_dict))  # a private copy
@@ -258,7 +258,7 @@ def execute(
     start = time.perf_counter()
     try:
         if groups == 1:
-            from diloco.train import train
+            from diloco.job.train import train
 
             train(cfg)
         else:
@@ -310,7 +310,7 @@ def load_result(run_dir: Path) -> dict[str, Any] | None:
 
 def read_curve(run_dir: Path) -> list[list[float]]:
     """``[step, tokens, val_loss]`` of every evaluation in ``metrics.jsonl``."""
-    from diloco.metrics import read_metrics
+    from diloco.job.metrics import read_metrics
 
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -328,7 +328,7 @@ def _finite_or_none(x: Any) -> float | None:
 
 def _launch(cfg: Any, nproc: int, run_dir: Path, threads: int | None) -> None:
     """One ``torchrun --nproc-per-node nproc -m diloco train`` run (G groups of S=1)."""
-    from diloco.wrapper import NonFiniteError
+    from diloco.algorithm.wrapper import NonFiniteError
 
     run_dir.mkdir(parents=True, exist_ok=True)
     launch_cfg = run_dir / "launch.yaml"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from diloco.errors import ConfigError
 
 if TYPE_CHECKING:
-    from diloco.config import Config, InnerConfig, OuterConfig
+    from diloco.config.schema import Config, InnerConfig, OuterConfig
 
 __all__ = ["DEEPSPEED_RESERVED", "shown", "validate"]
 
@@ -152,8 +152,8 @@ def validate(cfg: Config) -> None:
         outer.sync_delay < outer.sync_every,
         f"outer.sync_delay ({outer.sync_delay}) must be < outer.sync_every ({outer.sync_every})",
     )
-    # Streaming (diloco/fragments.py): fragment i is applied at step offset (i+1)·K/P, so K/P
-    # must be whole, and a reduction started τ steps earlier must land before the next starts
+    # Streaming (diloco/algorithm/fragments.py): fragment i is applied at step offset (i+1)·K/P,
+    # so K/P must be whole, and a reduction started τ steps earlier must land before the next starts
     # (then none is in flight at a round boundary, where checkpoints are taken).
     _check(
         outer.sync_every % outer.fragments == 0,

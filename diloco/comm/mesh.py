@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from diloco.compress import (
+from diloco.comm.compress import (
     Codec,
     ErrorFeedback,
     bytes_sent,
@@ -115,7 +115,7 @@ class MeshReducer:
     ``compress`` (``outer.compress``) picks how a bucket is averaged:
 
     * ``"none"``: one ``all_reduce(AVG)`` in fp32 (exact mean).
-    * ``"bf16"``, ``"int8"``: the two-phase exchange of :mod:`diloco.compress`
+    * ``"bf16"``, ``"int8"``: the two-phase exchange of :mod:`diloco.comm.compress`
       (``all_to_all_single`` of encoded chunks, fp32 average by the chunk's owner, re-encoded,
       ``all_gather_into_tensor``), with error feedback: the rank sends Δ_g + e_g and keeps the
       residual e_g (one fp32 tensor per parameter, in :attr:`error_feedback`, keyed by ``ids``).
@@ -126,7 +126,7 @@ class MeshReducer:
     Stats returned per round (all ranks get the same values; per-rank ones are this rank's):
 
     * ``bytes_sent``: bytes this rank sends for the pseudo-gradient, Σ_buckets of
-      :func:`diloco.compress.bytes_sent`: for ``none`` the fp32 ring all-reduce count
+      :func:`diloco.comm.compress.bytes_sent`: for ``none`` the fp32 ring all-reduce count
       2(G−1)/G · numel · 4, for ``bf16``/``int8`` exactly 2(G−1)·P per bucket (P: the payload
       of one chunk). The few scalars of the statistics are not counted.
     * ``buckets``: buckets averaged (collectives for Δ: one per bucket, two when compressed).

@@ -1,6 +1,6 @@
 """Reading finished (or running) run directories back: config, metrics and summary.
 
-A run directory, as :func:`diloco.train.train` writes it, holds ``config.yaml`` (the resolved
+A run directory, as :func:`diloco.job.train.train` writes it, holds ``config.yaml`` (the resolved
 config), ``metrics.jsonl`` (one record per logged step) and, once the run has finished,
 ``summary.json``. :func:`load_run` reads all three; :func:`method_label` names the method for
 legends and tables. Used by ``diloco plot`` and ``diloco summary``; does not import torch.
@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from diloco.errors import DilocoError
-from diloco.metrics import read_metrics
+from diloco.job.metrics import read_metrics
 
 __all__ = ["Run", "load_run", "method_label"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 __all__ = ["REPO", "child_env", "free_port", "torchrun_cmd"]
 
 #: The checkout this package lives in (put on the children's PYTHONPATH).
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from diloco.checkpoint_files import load_dcp
 from diloco.errors import CheckpointError, DilocoError
-from diloco.resume import CHECKPOINTS, config_of, newest_checkpoint, read_meta
+from diloco.persist.checkpoint_files import load_dcp
+from diloco.persist.resume import CHECKPOINTS, config_of, newest_checkpoint, read_meta
 
 __all__ = ["export", "load_theta"]
 

@@ -18,8 +18,8 @@ then prints a table and writes JSON. Per layout:
 * peak RSS per rank (max over ranks) and its increase over the ``none`` job with the same S
   (same shard size and per-rank batch); the outer state itself is θ + b = 2 · 4 · P/S bytes.
 
-    python bench/distributed.py                         # G ∈ {1,2} × S ∈ {1,2}, 64 steps, K=16
-    python bench/distributed.py --layouts 2x2 --steps 128 --set model.n_embd=256
+    python -m diloco.bench.distributed                  # G ∈ {1,2} × S ∈ {1,2}, 64 steps, K=16
+    python -m diloco.bench.distributed --layouts 2x2 --steps 128 --set model.n_embd=256
 
 Timings are whatever this machine gives (on a 2-core CPU, 4 ranks share 2 cores); nothing is
 asserted.
@@ -37,10 +37,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runs from a checkout without installing the package
-
-from diloco.local_launch import child_env, torchrun_cmd  # noqa: E402
+from diloco.launchers.local import child_env, torchrun_cmd
 
 BASE = [
     "run.device=cpu",
@@ -58,10 +55,10 @@ def _worker(out: Path, overrides: list[str]) -> None:
     """Under torchrun: train, recording every rank's SyncReports and summary in rank<r>.json."""
     import torch.distributed
 
+    from diloco.algorithm.wrapper import DiLoCo
     from diloco.config import load_config
-    from diloco.metrics import peak_rss_mb
-    from diloco.train import train
-    from diloco.wrapper import DiLoCo
+    from diloco.job.metrics import peak_rss_mb
+    from diloco.job.train import train
 
     reports = []
     sync = DiLoCo.sync
@@ -91,7 +88,7 @@ def _launch(out: Path, groups: int, shards: int, overrides: list[str]) -> list[d
     world = groups * shards
     sets = [*overrides, f"run.out_dir={out}", f"topology.groups={groups}",
             f"topology.shards={shards}"]  # fmt: skip
-    cmd = torchrun_cmd(world, str(Path(__file__).resolve()), "--worker", str(out), "--", *sets)
+    cmd = torchrun_cmd(world, "-m", "diloco.bench.distributed", "--worker", str(out), "--", *sets)
     env = child_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:

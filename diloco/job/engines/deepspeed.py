@@ -4,7 +4,7 @@ Each group of S shard ranks is one DeepSpeed data-parallel job: ZeRO (stage ``in
 partitions over the group's ``"shard"`` process group, which DeepSpeed gets through its ``mpu``
 argument (:class:`ShardGroupMPU`). Gradients are therefore reduced inside a group only, and the
 pseudo-gradient average still crosses only the ``"group"`` dimension
-(:class:`diloco.reduce.MeshReducer`), exactly as with FSDP2.
+(:class:`diloco.comm.mesh.MeshReducer`), exactly as with FSDP2.
 
 **Fast weights.** The DiLoCo wrapper works on this rank's ZeRO partitions of the fp32 master
 weights, the tensors the inner optimiser updates:
@@ -25,7 +25,7 @@ stage 3: the partitioned parameters, then the persistent ones are re-gathered).
 **Inner step.** ``engine(x, y)``, ``engine.backward(loss)`` (gradient reduction over the shards),
 ``engine.step()`` (clipping at ``inner.grad_clip``, the torch optimiser's step on the partitions,
 refresh of the model). The optimiser is the torch AdamW/SGD of
-:func:`diloco.inner.build_inner_optimizer` and the LR schedule our ``LambdaLR`` on it, so the
+:func:`diloco.job.inner.build_inner_optimizer` and the LR schedule our ``LambdaLR`` on it, so the
 maths is the FSDP2 path's. With ``topology.mixed_precision: bf16`` the forward runs under torch
 autocast around fp32 weights (as for an unsharded model); DeepSpeed's own ``bf16`` weights can be
 switched on through ``inner.deepspeed``.
@@ -35,7 +35,7 @@ all-reduce op (``deepspeed_shm_comm``, ~20 s, needs g++ and ninja) when its comm
 starts; only ``inference_all_reduce`` uses that op, never training, so it is not built.
 
 **Checkpoints** (:class:`DeepSpeedCheckpointer`): DeepSpeed's own ``save_checkpoint`` per group
-plus θ and the outer state, in :mod:`diloco.checkpoint`'s layout with its atomic write.
+plus θ and the outer state, in :mod:`diloco.persist.checkpoint`'s layout with its atomic write.
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from diloco.checkpoint import Checkpointer, outer_buffers
-from diloco.checkpoint_files import save_synced, torch_load
+from diloco.comm.mesh import MeshReducer
+from diloco.comm.topology import Runtime
 from diloco.config import Config
 from diloco.errors import CheckpointError, ConfigError
-from diloco.reduce import MeshReducer
-from diloco.resume import read_meta
-from diloco.topology import Runtime
+from diloco.persist.checkpoint import Checkpointer, outer_buffers
+from diloco.persist.checkpoint_files import save_synced, torch_load
+from diloco.persist.resume import read_meta
 
 __all__ = [
     "DeepSpeedCheckpointer",
@@ -115,7 +115,8 @@ def deepspeed_config(cfg: Config, shards: int) -> dict[str, Any]:
 
     One micro-batch of ``data.batch_size / S`` sequences per shard rank and inner step (no
     gradient accumulation), clipping at ``inner.grad_clip``, ZeRO stage ``inner.zero_stage``,
-    and the client optimiser allowed. (``config_rules.DEEPSPEED_RESERVED`` lists the keys set here.)
+    and the client optimiser allowed. (``diloco.config.rules.DEEPSPEED_RESERVED`` lists the keys
+    set here.)
     """
     ds = copy.deepcopy(cfg.inner.deepspeed)
     zero = dict(ds.get("zero_optimization", {}))
@@ -167,7 +168,7 @@ class ShardGroupMPU:
 
 
 class DeepSpeedInner:
-    """The inner optimiser of a DeepSpeed group, as :class:`diloco.wrapper.DiLoCo` sees it.
+    """The inner optimiser of a DeepSpeed group, as :class:`diloco.DiLoCo` sees it.
 
     ``step`` is ``engine.step()`` (clip, optimiser step, model refresh; it also clears the
     gradients, so ``zero_grad`` has nothing left to do); ``param_groups`` are the torch
@@ -307,8 +308,8 @@ def build_deepspeed(
 
 
 class DeepSpeedCheckpointer(Checkpointer):
-    """:class:`diloco.checkpoint.Checkpointer` for DeepSpeed groups: same ``step_<N>/`` layout,
-    meta.json, atomic write (``.tmp`` then rename), pruning and resume rules, with
+    """:class:`diloco.persist.checkpoint.Checkpointer` for DeepSpeed groups: same ``step_<N>/``
+    layout, meta.json, atomic write (``.tmp`` then rename), pruning and resume rules, with
 
     * ``group<g>/inner/``: DeepSpeed's ``engine.save_checkpoint`` of group g (model weights,
       each shard rank's ZeRO partitions of the fp32 master weights and optimiser state), written

@@ -12,7 +12,7 @@ sit on one node:
 
 Inside a group the fast weights are FSDP2-sharded over the ``"shard"`` sub-mesh and the group
 batch is split across its S ranks; the pseudo-gradient is averaged over the ``"group"`` sub-mesh
-(:class:`diloco.reduce.MeshReducer`).
+(:class:`diloco.comm.mesh.MeshReducer`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from diloco.comm.mesh import MeshReducer, PseudoGradientReducer, SingleGroup
 from diloco.config import TopologyConfig
 from diloco.errors import TopologyError
-from diloco.reduce import MeshReducer, PseudoGradientReducer, SingleGroup
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -220,7 +220,7 @@ def init_runtime(
     """The runtime of this process for ``topology``.
 
     ``compress``/``compress_block`` (``outer.compress``, ``outer.compress_block``) configure how
-    the :class:`~diloco.reduce.MeshReducer` exchanges the pseudo-gradient (nothing with G = 1).
+    the :class:`~diloco.comm.mesh.MeshReducer` exchanges the pseudo-gradient (nothing with G = 1).
 
     One process (no WORLD_SIZE, or WORLD_SIZE = 1) with G·S = 1: no process group. Otherwise
     WORLD_SIZE must equal G·S (checked on every rank before any connection is made, so a wrong

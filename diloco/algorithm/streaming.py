@@ -4,9 +4,9 @@ fragment_sync_delay=τ, fragment_update_alpha=α)`` is the public reference).
 
 The P fragments of the parameters, and each fragment's start offset o_i and apply offset a_i
 in the period of K = ``sync_every`` inner steps (τ = ``sync_delay`` apart), are
-:mod:`diloco.fragments`'. The outer optimiser gets one param group per fragment, so fragment
-i's outer state (momentum b, or EMA m with its own β and round count) is stepped only with
-fragment i (``outer.step(group=i)``); the maths is :mod:`diloco.outer`'s, unchanged.
+:mod:`diloco.algorithm.fragments`'. The outer optimiser gets one param group per fragment, so
+fragment i's outer state (momentum b, or EMA m with its own β and round count) is stepped only with
+fragment i (``outer.step(group=i)``); the maths is :mod:`diloco.algorithm.outer`'s, unchanged.
 
 n counts inner steps from the start of training. After inner step n (in this order, each in
 fragment-index order, on every rank):
@@ -54,11 +54,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diloco.algorithm.fragments import assign_fragments, fragment_schedule
+from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.algorithm.wrapper import DiLoCo, NonFiniteError, SyncReport, _check_shapes
+from diloco.comm.mesh import PendingAverage, PseudoGradientReducer
 from diloco.errors import CheckpointError, DilocoError
-from diloco.fragments import assign_fragments, fragment_schedule
-from diloco.outer import EMANesterov, Nesterov, OuterOptimizer
-from diloco.reduce import PendingAverage, PseudoGradientReducer
-from diloco.wrapper import DiLoCo, NonFiniteError, SyncReport, _check_shapes
 
 __all__ = ["StreamingDiLoCo", "start_average"]
 
@@ -78,7 +78,7 @@ def start_average(
 ) -> PendingAverage:
     """Start averaging ``tensors`` across groups; ``handle.wait()`` finishes it in place and
     returns the reducer's stats. The one place the overlap touches the network: it uses the
-    reducer's asynchronous API (:meth:`diloco.reduce.MeshReducer.start_average`:
+    reducer's asynchronous API (:meth:`diloco.comm.mesh.MeshReducer.start_average`:
     ``all_reduce(async_op=True)``, or the compressed two-phase exchange), and falls back to a
     blocking ``average`` for a reducer without one (no overlap then)."""
     start = getattr(reducer, "start_average", None)
@@ -112,7 +112,7 @@ class _Period:
 class StreamingDiLoCo(DiLoCo):
     """DiLoCo with P fragments synced at staggered offsets and τ-step overlapped reductions.
 
-    Takes :class:`~diloco.wrapper.DiLoCo`'s arguments plus:
+    Takes :class:`~diloco.algorithm.wrapper.DiLoCo`'s arguments plus:
 
     Args:
         fragments: P; K = ``sync_every`` must be divisible by it.

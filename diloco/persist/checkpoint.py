@@ -22,7 +22,7 @@ Layout of ``RUN_DIR/checkpoints/step_<N>/`` (N = inner steps done)::
 The fast weights are not saved: at a round boundary they equal the start point s, which
 ``DiLoCo.load_state_dict`` rebuilds from θ and the outer state (s = θ, or θ + β·m).
 
-Resuming: :func:`diloco.resume.plan_resume` picks and checks the checkpoint, then
+Resuming: :func:`diloco.persist.resume.plan_resume` picks and checks the checkpoint, then
 :meth:`Checkpointer.load` restores it. A different S is resharded by DCP. A different G is
 allowed: group g resumes group (g mod G_saved)'s inner optimiser state; groups beyond the saved
 ones start fresh data streams, and RNG streams are re-seeded.
@@ -41,8 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diloco import faults
-from diloco.checkpoint_files import (
+from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.config import Config, config_fingerprint, config_to_dict
+from diloco.errors import CheckpointError, note, warn
+from diloco.persist.checkpoint_files import (
     dcp_keys,
     dcp_save,
     dcp_view,
@@ -55,10 +57,14 @@ from diloco.checkpoint_files import (
     torch_load,
     write_synced,
 )
-from diloco.config import Config, config_fingerprint, config_to_dict
-from diloco.errors import CheckpointError, note, warn
-from diloco.outer import EMANesterov, Nesterov, OuterOptimizer
-from diloco.resume import CHECKPOINTS, FORMAT_VERSION, RESUME_IGNORE, list_checkpoints, read_meta
+from diloco.persist.resume import (
+    CHECKPOINTS,
+    FORMAT_VERSION,
+    RESUME_IGNORE,
+    list_checkpoints,
+    read_meta,
+)
+from diloco.testing import faults
 
 __all__ = ["Checkpointer", "outer_buffers"]
 

@@ -10,10 +10,11 @@ val loss after the same number of tokens:
   ≈ 3·(S−1)/S·4·P bytes per rank per step (a DDP all-reduce would be 2·(S−1)/S·4·P). The group
   batch is twice a DiLoCo group's, so every method sees the same tokens per step;
 * ``diloco``: G = 2 groups × S = 1, Nesterov outer step every K steps, fp32 all-reduce;
-* ``diloco_bf16``, ``diloco_int8``: the same with ``outer.compress`` (diloco/compress.py;
+* ``diloco_bf16``, ``diloco_int8``: the same with ``outer.compress`` (diloco/comm/compress.py;
   "pending" if this checkout cannot compress);
 * ``streaming``: the same as ``diloco`` with ``outer.fragments`` P and ``outer.sync_delay`` τ
-  (diloco/streaming.py): P fragments synced at staggered offsets, each overlapped with τ steps.
+  (diloco/algorithm/streaming.py): P fragments synced at staggered offsets, each overlapped with
+  τ steps.
 
 **The link** (``--mechanism netns``, the default where permitted): network namespaces ``dl0``
 and ``dl1`` joined by a veth pair ``dlv0``/``dlv1`` with the link-local addresses
@@ -46,9 +47,9 @@ Convergence: ``--converge-steps``
 (0: off) reruns every method on loopback without any link emulation (the losses do not depend on
 the link) for that many steps and reports the final val loss next to DiLoCo fp32's.
 
-    sudo python bench/slow_link.py                       # 128 timed steps, 100 Mbit/s
-    python bench/slow_link.py --methods diloco,streaming --steps 64 --converge-steps 0
-    python bench/slow_link.py --mechanism throttle       # no namespaces needed
+    sudo python -m diloco.bench.slow_link                       # 128 timed steps, 100 Mbit/s
+    python -m diloco.bench.slow_link --methods diloco,streaming --steps 64 --converge-steps 0
+    python -m diloco.bench.slow_link --mechanism throttle       # no namespaces needed
 
 Prints a table, writes ``bench_results/slow_link.json`` (``--out``) and, with ``--docs FILE``,
 replaces the section between ``<!-- slow-link:start -->`` and ``<!-- slow-link:end -->`` in it.
@@ -71,10 +72,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runs from a checkout without installing the package
-
-from diloco.local_launch import child_env, free_port  # noqa: E402
+from diloco.launchers.local import child_env, free_port
 
 NS = ("dl0", "dl1")
 VETH = ("dlv0", "dlv1")
@@ -119,9 +117,9 @@ def method_overrides(method: str, K: int, P: int, tau: int, batch: int) -> list[
 
 
 def compression_available() -> bool:
-    """Whether this checkout's training job honours ``outer.compress`` (diloco/compress.py)."""
+    """Whether this checkout's training job honours ``outer.compress`` (diloco/comm/compress.py)."""
     try:
-        from diloco.topology import init_runtime
+        from diloco.comm.topology import init_runtime
 
         return "compress" in inspect.signature(init_runtime).parameters
     except ImportError:
@@ -358,7 +356,7 @@ def launch(
                 prefix = ["ip", "netns", "exec", NS[node], "env",
                           f"GLOO_SOCKET_IFNAME={VETH[node]}"]  # fmt: skip
             elif mechanism == "throttle":
-                target = [str(Path(__file__).resolve()), "--throttled-worker", str(rate),
+                target = ["-m", "diloco.bench.slow_link", "--throttled-worker", str(rate),
                           str(delay_s), str(out), "--", *sets]  # fmt: skip
             cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                    "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", master,
@@ -400,7 +398,7 @@ def per_step_seconds(records: list[dict], skip: int) -> float:
 
 
 def read_records(run: Path) -> list[dict]:
-    from diloco.metrics import read_metrics
+    from diloco.job.metrics import read_metrics
 
     return read_metrics(run / "metrics.jsonl")
 

@@ -14,8 +14,8 @@ prints a table and writes JSON. Per run:
   into ``ray.init`` and ``fit() → worker function`` (the time from the driver calling ``fit()``
   to the first worker printing its placement line).
 
-    python bench/ray_overhead.py                       # G=2 × S=1 tiny GPT, 64 steps, K=4
-    python bench/ray_overhead.py --set topology.shards=2 --steps 32
+    python -m diloco.bench.ray_overhead                       # G=2 × S=1 tiny GPT, 64 steps, K=4
+    python -m diloco.bench.ray_overhead --set topology.shards=2 --steps 32
 
 Timings are whatever this machine gives (load average printed); nothing is asserted.
 """
@@ -31,10 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runs from a checkout without installing the package
-
-from diloco.local_launch import child_env, torchrun_cmd  # noqa: E402
+from diloco.launchers.local import REPO, child_env, torchrun_cmd
 
 TINY = [
     "model.n_layer=2",
@@ -57,7 +54,7 @@ def _run(cmd: list[str]) -> tuple[float, dict[str, float], str]:
     env = child_env()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO
     )
     seen: dict[str, float] = {}
     lines: list[str] = []
@@ -109,7 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--sync-every", type=int, default=4)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_ray")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_ray")
     args = parser.parse_args()
     base = [
         *TINY,

@@ -18,7 +18,7 @@ All tensors are *local*: a plain parameter in one process, ``DTensor.to_local()`
 FSDP2 shard) when sharded, so nothing is gathered. An engine that keeps its trainable weights
 elsewhere (DeepSpeed ZeRO: flat fp32 partitions inside its optimizer) passes ``fast_tensors``, a
 function returning them, and ``after_fast_write``, called whenever the wrapper has written them,
-so the engine can refresh the model's weights from them (:mod:`diloco.engines.deepspeed`).
+so the engine can refresh the model's weights from them (:mod:`diloco.job.engines.deepspeed`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.comm.mesh import PseudoGradientReducer, SingleGroup
 from diloco.errors import CheckpointError, DilocoError
-from diloco.outer import EMANesterov, Nesterov, OuterOptimizer
-from diloco.reduce import PseudoGradientReducer, SingleGroup
 
 __all__ = ["DiLoCo", "SyncReport", "NonFiniteError"]
 

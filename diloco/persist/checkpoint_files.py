@@ -1,6 +1,6 @@
 """Checkpoint files: DCP save/load with one-line errors, durable writes, RNG states.
 
-The storage layer under :mod:`diloco.checkpoint` (and the DeepSpeed engine's checkpoints):
+The storage layer under :mod:`diloco.persist.checkpoint` (and the DeepSpeed engine's checkpoints):
 every failure becomes a :class:`~diloco.errors.CheckpointError` naming the file and the cause,
 and every file a checkpoint's manifest lists is fsync'ed before the checkpoint is renamed into
 place.

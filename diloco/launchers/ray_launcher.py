@@ -5,12 +5,12 @@ What Ray adds over ``torchrun`` and what it does not change:
 * **Placement.** A Ray Train ``TorchTrainer`` with ``ScalingConfig(num_workers=G·S,
   resources_per_worker={"CPU": c[, "GPU": 1]}, placement_strategy="PACK")``. Ray Train gives
   the workers of one node contiguous world ranks, and a group is the contiguous block of ranks
-  g·S … g·S+S−1 (:mod:`diloco.topology`), so **a group stays on one node whenever every node
+  g·S … g·S+S−1 (:mod:`diloco.comm.topology`), so **a group stays on one node whenever every node
   holds a multiple of S workers** (PACK fills nodes first). Each node's rank 0 checks this and
   warns if a group spans nodes (its FSDP traffic would then cross the network).
 * **Process group.** ``TorchConfig(backend=gloo|nccl, timeout_s=topology.timeout_s)`` creates
-  it and sets RANK/WORLD_SIZE/LOCAL_RANK; :func:`diloco.topology.init_runtime` then builds the
-  (G, S) mesh on it. The worker function is :func:`diloco.train.train`, unchanged: rank 0 writes
+  it and sets RANK/WORLD_SIZE/LOCAL_RANK; :func:`diloco.comm.topology.init_runtime` then builds the
+  (G, S) mesh on it. The worker function is :func:`diloco.job.train.train`, unchanged: rank 0 writes
   ``metrics.jsonl``, ``summary.json``, checkpoints and ``final_model.pt`` into ``run.out_dir``
   exactly as under torchrun (so on several nodes ``run.out_dir`` must be shared storage).
 * **Metrics.** Every log step every rank calls ``ray.train.report`` with ``step``,
@@ -31,9 +31,10 @@ What Ray adds over ``torchrun`` and what it does not change:
   files under ``$RAY_TMPDIR`` (default ``/tmp/ray-<uid>``: Unix socket paths must stay short);
   shut down at the end.
 
-Before ``fit()`` the cluster's resources are checked (:func:`diloco.ray_plan.check_resources`):
-a job that cannot be placed fails at once with one line instead of waiting for resources
-forever. The worker function is :func:`diloco.ray_worker.train_worker`.
+Before ``fit()`` the cluster's resources are checked
+(:func:`diloco.launchers.ray_plan.check_resources`): a job that cannot be placed fails at once
+with one line instead of waiting for resources forever. The worker function is
+:func:`diloco.launchers.ray_worker.train_worker`.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ from typing import Any
 
 from diloco.config import Config, config_to_dict, load_config
 from diloco.errors import ConfigError, DilocoError
-from diloco.ray_plan import (
+from diloco.launchers.ray_plan import (
     RayLaunchError,
     WorkerPlan,
     check_resources,
     plan_workers,
 )
-from diloco.ray_worker import train_worker
+from diloco.launchers.ray_worker import train_worker
 
 __all__ = ["add_arguments", "fit_error", "launch_ray", "run_from_args"]
 
@@ -158,7 +159,7 @@ def _prepare_resume(cfg: Config, resume: str | None, force: bool) -> tuple[str |
     ``never`` is settled here (refused, or the old checkpoints set aside with ``--force``), so
     the workers continue with auto semantics. Returns the (resume, force) of the first attempt.
     """
-    from diloco.resume import plan_resume
+    from diloco.persist.resume import plan_resume
 
     if resume == "never":
         plan_resume(cfg, "never", force, is_main=True)

@@ -3,7 +3,7 @@
 A config has one section per concern (``run``, ``model``, ``data``, ``inner``, ``outer``,
 ``train``, ``topology``). The defaults below describe the tiny CPU SNOO run. :func:`load_config`
 starts from them, deep-merges a YAML file and ``--set section.key=value`` overrides, then
-validates (:mod:`diloco.config_rules`): the first problem raises
+validates (:mod:`diloco.config.rules`): the first problem raises
 :class:`~diloco.errors.ConfigError` with one line naming the key, the value and what is allowed.
 Each field's ``metadata["doc"]`` is its reference text (see :func:`config_reference`);
 ``metadata["choices"]`` lists the allowed values of an enum field.
@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from diloco.config_rules import shown, validate
+from diloco.config.rules import shown, validate
 from diloco.errors import ConfigError
 
 __all__ = [

@@ -10,9 +10,9 @@ tensors.
 Besides ``step()``, an outer optimiser knows the *start point* s of the next round (the point
 every group's fast weights restart from) and writes it with :meth:`OuterOptimizer.write_start`.
 
-Streaming DiLoCo (:mod:`diloco.streaming`) gives the optimiser one param group per fragment and
-passes ``group=i`` to ``step``/``write_start``/``add_lookahead``/``set_beta`` to touch only
-fragment i; ``group=None`` (the default) means every group, as before.
+Streaming DiLoCo (:mod:`diloco.algorithm.streaming`) gives the optimiser one param group per
+fragment and passes ``group=i`` to ``step``/``write_start``/``add_lookahead``/``set_beta`` to
+touch only fragment i; ``group=None`` (the default) means every group, as before.
 
 Maths (DESIGN.md §1; η = ``lr``, μ = ``momentum``):
 

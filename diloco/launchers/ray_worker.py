@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diloco import faults
 from diloco.config import config_from_dict
 from diloco.errors import DilocoError
+from diloco.testing import faults
 
 __all__ = ["choose_resume", "stage_checkpoint", "train_worker"]
 
@@ -77,7 +77,7 @@ def choose_resume(
     None of them: the first attempt's (resume, force) again. Unreadable candidates are skipped.
     """
     from diloco.errors import CheckpointError, warn
-    from diloco.resume import newest_checkpoint, read_meta
+    from diloco.persist.resume import newest_checkpoint, read_meta
 
     candidates: list[tuple[int, int, str | None, bool, str]] = []  # step, tie rank, resume, …
     try:
@@ -188,7 +188,7 @@ def _report_placement(rank: int, shards: int) -> None:
 
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function: the same ``train()`` as ``diloco train``."""
-    from diloco.train import train
+    from diloco.job.train import train
 
     cwd = config.get("cwd")
     if cwd and os.path.isdir(cwd):

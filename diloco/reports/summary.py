@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from diloco.runs import Run
+from diloco.reports.runs import Run
 
 __all__ = ["COLUMNS", "format_json", "format_markdown", "summary_row"]
 

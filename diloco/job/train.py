@@ -5,11 +5,11 @@ The loop, one inner step at a time (every rank of every group runs the same code
 1. draw this group's batch (its own seeded stream) and keep this shard's rows;
 2. forward/backward on the fast weights, clip, ``DiLoCo.step()`` (inner step, and every K
    steps the outer step), then the LR schedule (``inner.engine=deepspeed``: DeepSpeed's backward
-   and step, which clips; :mod:`diloco.engines.deepspeed`);
+   and step, which clips; :mod:`diloco.job.engines.deepspeed`);
 3. every ``log_every`` steps a ``metrics.jsonl`` record; every ``eval_every`` steps the val
    loss of the slow weights θ;
 4. at the end of every ``checkpoint_every``-th round (and of the run) a checkpoint
-   (:mod:`diloco.checkpoint`); its duration is the next record's ``checkpoint_s``.
+   (:mod:`diloco.persist.checkpoint`); its duration is the next record's ``checkpoint_s``.
 
 A run whose ``run.out_dir`` holds a checkpoint continues from it (``--resume``; this is how a
 restarted ``torchrun`` job recovers) at the step after it, without logging step 0 again.
@@ -37,20 +37,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diloco import faults
-from diloco.checkpoint import Checkpointer
+from diloco.algorithm.fragments import streaming_options
+from diloco.algorithm.streaming import StreamingDiLoCo
+from diloco.algorithm.wrapper import DiLoCo, SyncReport
+from diloco.comm.topology import Runtime, init_runtime
 from diloco.config import Config, dump_config
-from diloco.data import BatchStream, eval_batches, load_corpus, shard_batch
 from diloco.errors import ConfigError, TopologyError, warn
-from diloco.fragments import streaming_options
-from diloco.inner import build_inner_optimizer, build_scheduler
-from diloco.metrics import MetricsLogger, peak_rss_mb
+from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
+from diloco.job.inner import build_inner_optimizer, build_scheduler
+from diloco.job.metrics import MetricsLogger, peak_rss_mb
+from diloco.job.progress import ProgressBar
 from diloco.models import GPT, GPTConfig
-from diloco.progress import ProgressBar
-from diloco.resume import plan_resume
-from diloco.streaming import StreamingDiLoCo
-from diloco.topology import Runtime, init_runtime
-from diloco.wrapper import DiLoCo, SyncReport
+from diloco.persist.checkpoint import Checkpointer
+from diloco.persist.resume import plan_resume
+from diloco.testing import faults
 
 __all__ = ["train", "build_model", "build_inner", "build_diloco", "evaluate"]
 
@@ -98,7 +98,7 @@ def build_diloco(
 
     ``inner``: an (inner optimiser, LR schedule) pair built elsewhere (default
     :func:`build_inner`); ``hooks``: the wrapper's ``fast_tensors`` and ``after_fast_write``, for
-    an engine that keeps the fast weights itself (:mod:`diloco.engines.deepspeed`).
+    an engine that keeps the fast weights itself (:mod:`diloco.job.engines.deepspeed`).
     """
     o, steps = cfg.outer, cfg.train.steps
     inner, scheduler = build_inner(cfg, model) if inner is None else inner
@@ -247,7 +247,7 @@ def train(
 ) -> dict[str, Any]:
     """Run the job described by ``cfg``; returns the summary (also written to summary.json).
 
-    ``resume``/``force``: see :func:`diloco.resume.plan_resume` (None: continue from the
+    ``resume``/``force``: see :func:`diloco.persist.resume.plan_resume` (None: continue from the
     newest checkpoint in ``run.out_dir`` if there is one, as a restarted torchrun job must).
     ``on_log``/``on_checkpoint``: see :data:`OnLog`, :data:`OnCheckpoint` (e.g. Ray reports).
     """
@@ -274,7 +274,7 @@ def _build_engine(
         model = runtime.parallelize(build_model(cfg, vocab_size), cfg.topology.mixed_precision)
         dl, scheduler = build_diloco(cfg, model, runtime)
         return model, dl, scheduler, Checkpointer
-    from diloco.engines.deepspeed import DeepSpeedCheckpointer, build_deepspeed
+    from diloco.job.engines.deepspeed import DeepSpeedCheckpointer, build_deepspeed
 
     model = build_model(cfg, vocab_size).to(runtime.device)
     optimizer, scheduler = build_inner(cfg, model)

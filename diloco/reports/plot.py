@@ -2,7 +2,7 @@
 
 Two panels against tokens seen (all groups together): validation loss of the slow weights θ
 (left) and training loss of the fast weights (right). Each run is one colour, labelled with
-:func:`diloco.runs.method_label` or the caller's label, plus its final val loss.
+:func:`diloco.reports.runs.method_label` or the caller's label, plus its final val loss.
 
 matplotlib is optional (``pip install matplotlib``) and imported only here, when plotting.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from diloco.errors import DilocoError
-from diloco.runs import Run
+from diloco.reports.runs import Run
 
 __all__ = ["plot_runs"]
 

@@ -18,7 +18,7 @@
     start offset  o_i = (a_i − τ) mod K
 
 its average starts at offset o_i and is applied τ steps later, at a_i
-(:class:`diloco.streaming.StreamingDiLoCo`).
+(:class:`diloco.algorithm.streaming.StreamingDiLoCo`).
 """
 
 from __future__ import annotations

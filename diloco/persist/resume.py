@@ -1,6 +1,6 @@
 """Finding the checkpoint a run continues from, and checking it fits the run.
 
-A checkpoint is ``RUN_DIR/checkpoints/step_<N>/`` (layout: :mod:`diloco.checkpoint`). It is
+A checkpoint is ``RUN_DIR/checkpoints/step_<N>/`` (layout: :mod:`diloco.persist.checkpoint`). It is
 *loadable* when its ``meta.json`` is complete, of this format version, and every file of its
 manifest is there with its recorded size. ``--resume auto`` takes the newest loadable one,
 skipping broken ones with a warning; an explicit path must be loadable. The model shapes must
@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from diloco.checkpoint_files import one_line
 from diloco.config import (
     FINGERPRINT_IGNORE,
     Config,
@@ -29,6 +28,7 @@ from diloco.config import (
     config_to_dict,
 )
 from diloco.errors import CheckpointError, DilocoError, note, warn
+from diloco.persist.checkpoint_files import one_line
 
 __all__ = [
     "CHECKPOINTS",
