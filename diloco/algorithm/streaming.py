@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,35 +55,11 @@ from torch import Tensor, nn
 
 from diloco.algorithm.fragments import assign_fragments, fragment_schedule
 from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.algorithm.reducer import PendingAverage
 from diloco.algorithm.wrapper import DiLoCo, NonFiniteError, SyncReport, _check_shapes
-from diloco.comm.mesh import PendingAverage, PseudoGradientReducer
 from diloco.errors import CheckpointError, DilocoError
 
-__all__ = ["StreamingDiLoCo", "start_average"]
-
-
-class _Ready:
-    """The handle of an average that was computed synchronously."""
-
-    def __init__(self, stats: dict[str, float]):
-        self.stats = stats
-
-    def wait(self) -> dict[str, float]:
-        return self.stats
-
-
-def start_average(
-    reducer: PseudoGradientReducer, tensors: list[Tensor], ids: Sequence[int]
-) -> PendingAverage:
-    """Start averaging ``tensors`` across groups; ``handle.wait()`` finishes it in place and
-    returns the reducer's stats. The one place the overlap touches the network: it uses the
-    reducer's asynchronous API (:meth:`diloco.comm.mesh.MeshReducer.start_average`:
-    ``all_reduce(async_op=True)``, or the compressed two-phase exchange), and falls back to a
-    blocking ``average`` for a reducer without one (no overlap then)."""
-    start = getattr(reducer, "start_average", None)
-    if start is not None:
-        return start(tensors, ids)
-    return _Ready(reducer.average(tensors, ids))
+__all__ = ["StreamingDiLoCo"]
 
 
 @dataclass
@@ -253,7 +228,7 @@ class StreamingDiLoCo(DiLoCo):
         torch._foreach_add_(work, self.outer.slow_tensors(i))
         self.outer.add_lookahead(work, group=i)
         t1 = time.perf_counter()
-        handle = start_average(self.reducer, work, self.fragment_params[i])
+        handle = self.reducer.start_average(work, self.fragment_params[i])
         t2 = time.perf_counter()
         self._in_flight[i] = _InFlight(handle, self.inner_steps, t1 - t0, t2 - t1)
         self.events.append((self.inner_steps, i, "start"))

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
-from diloco.comm.mesh import PseudoGradientReducer, SingleGroup
+from diloco.algorithm.reducer import PseudoGradientReducer, SingleGroup
+from diloco.algorithm.tensors import local_tensor
 from diloco.errors import CheckpointError, DilocoError
 
 __all__ = ["DiLoCo", "SyncReport", "NonFiniteError"]
@@ -57,12 +58,6 @@ class SyncReport:
     reduce_s: float  # averaging Δ across groups
     outer_s: float  # outer update + writing the start point
     reducer: dict[str, float] = field(default_factory=dict)
-
-
-def local_tensor(p: Tensor) -> Tensor:
-    """This rank's storage of a parameter: the FSDP2 shard of a DTensor, else the tensor itself."""
-    to_local = getattr(p, "to_local", None)
-    return (to_local() if to_local is not None else p).detach()
 
 
 def _default_outer_lr(method: str) -> float:

@@ -237,8 +237,9 @@ class ErrorFeedback:
     """The residuals e of one rank, one fp32 tensor per parameter, keyed by parameter index.
 
     Residual ``i`` is shaped like this rank's local (shard of the) pseudo-gradient of parameter
-    i; it is created as zeros on first use. The reducer updates them (module docstring);
-    :meth:`state_dict`/:meth:`load_state_dict` carry them across a checkpoint.
+    i; it is created as zeros on first use. The reducer updates them (module docstring); a
+    checkpoint saves and restores them in place, as parameter-shaped tensors
+    (:mod:`diloco.persist.checkpoint`).
     """
 
     def __init__(self) -> None:
@@ -258,16 +259,3 @@ class ErrorFeedback:
                 )
             out.append(e)
         return out
-
-    def state_dict(self) -> dict[str, dict[int, Tensor]]:
-        return {"residuals": {i: e.detach().clone() for i, e in self.residuals.items()}}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, dict[int, Tensor]]) -> None:
-        saved = state["residuals"]
-        for i, e in saved.items():
-            mine = self.residuals.get(int(i))
-            if mine is None:
-                self.residuals[int(i)] = e.detach().to(torch.float32).clone()
-            else:
-                mine.copy_(e)

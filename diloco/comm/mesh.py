@@ -1,11 +1,12 @@
-"""Averaging the pseudo-gradient across worker groups: the seam between the loop and the network.
+"""Averaging the pseudo-gradient over the (G, S) device mesh: :class:`MeshReducer`.
 
-A reducer averages a list of local tensors *in place* across the G worker groups (never across
-the shards of one group: each shard rank averages its own shard with the same shard of the other
-groups) and sums scalars across the shards of one group (for norms). The outer step is then
-computed identically by every group; there is no parameter server.
+Implements :class:`diloco.algorithm.reducer.PseudoGradientReducer` (the seam between the loop
+and the network) with ``torch.distributed`` collectives: a list of local tensors is averaged *in
+place* across the G worker groups (never across the shards of one group: each shard rank averages
+its own shard with the same shard of the other groups), and scalars are summed across the shards
+of one group (for norms). The outer step is then computed identically by every group; there is
+no parameter server.
 
-Every reducer also has an asynchronous form for overlapping communication with compute:
 ``handle = reducer.start_average(tensors)`` issues the collectives and returns at once;
 ``handle.wait()`` finishes them, writes the average into ``tensors`` and returns the stats.
 ``reducer.average(tensors)`` is ``start_average(tensors).wait()``.
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from diloco.algorithm.reducer import Done, PendingAverage
 from diloco.comm.compress import (
     Codec,
     ErrorFeedback,
@@ -34,72 +36,7 @@ from diloco.comm.compress import (
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = [
-    "PseudoGradientReducer",
-    "PendingAverage",
-    "SingleGroup",
-    "MeshReducer",
-    "ring_allreduce_bytes",
-]
-
-
-class PendingAverage(Protocol):
-    """An average in flight (see :meth:`PseudoGradientReducer.start_average`)."""
-
-    def wait(self) -> dict[str, float]:
-        """Finish the collectives, write the average into the tensors, return the stats."""
-        ...
-
-
-class PseudoGradientReducer(Protocol):
-    """How the pseudo-gradient Δ_g of each group becomes mean_g Δ_g."""
-
-    groups: int
-
-    def average(self, tensors: list[Tensor], ids: Sequence[int] | None = None) -> dict[str, float]:
-        """tensors ← mean over groups, in place; returns per-round stats (bytes sent, cosine).
-
-        ``ids``: the tensors' indices in the model's parameter list (they key the
-        error-feedback residuals of a compressing reducer); default ``0 .. len(tensors) − 1``.
-        """
-        ...
-
-    def start_average(
-        self, tensors: list[Tensor], ids: Sequence[int] | None = None
-    ) -> PendingAverage:
-        """Issue :meth:`average`'s collectives; the handle's ``wait()`` completes it."""
-        ...
-
-    def sum_over_shards(self, value: Tensor) -> Tensor:
-        """Sum of a scalar over the shard ranks of this group."""
-        ...
-
-
-class _Done:
-    """An average that needed no communication."""
-
-    def wait(self) -> dict[str, float]:
-        return {}
-
-
-class SingleGroup:
-    """One group of one rank (SNOO, or no process group): nothing to send."""
-
-    groups = 1
-
-    def average(self, tensors: list[Tensor], ids: Sequence[int] | None = None) -> dict[str, float]:
-        return {}
-
-    def start_average(self, tensors: list[Tensor], ids: Sequence[int] | None = None) -> _Done:
-        return _Done()
-
-    def sum_over_shards(self, value: Tensor) -> Tensor:
-        return value
-
-
-def ring_allreduce_bytes(numel: int, ranks: int, element_size: int = 4) -> float:
-    """Bytes one rank sends in a ring all-reduce of ``numel`` elements: 2(n−1)/n · numel · size."""
-    return 2 * (ranks - 1) / ranks * numel * element_size if ranks > 1 else 0.0
+__all__ = ["MeshReducer"]
 
 
 class MeshReducer:
@@ -209,7 +146,7 @@ class MeshReducer:
     ) -> PendingAverage:
         """Issue the collectives of :meth:`average`; ``wait()`` on the result completes it."""
         if self.groups == 1:
-            return _Done()
+            return Done()
         ids = list(range(len(tensors))) if ids is None else list(ids)
         if len(ids) != len(tensors):
             raise ValueError(f"{len(ids)} ids for {len(tensors)} tensors")

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from diloco.comm.mesh import MeshReducer, PseudoGradientReducer, SingleGroup
+from diloco.algorithm.reducer import PseudoGradientReducer, SingleGroup
+from diloco.comm.mesh import MeshReducer
 from diloco.config import TopologyConfig
 from diloco.errors import TopologyError
 

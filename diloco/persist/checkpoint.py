@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.algorithm.tensors import local_tensor
 from diloco.config import Config, config_fingerprint, config_to_dict
 from diloco.errors import CheckpointError, note, warn
 from diloco.persist.checkpoint_files import (
@@ -50,7 +51,6 @@ from diloco.persist.checkpoint_files import (
     dcp_view,
     fsync_dir,
     load_dcp,
-    local_tensor,
     rng_state,
     save_synced,
     set_rng_state,

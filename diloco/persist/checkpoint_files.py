@@ -26,7 +26,6 @@ __all__ = [
     "dcp_view",
     "fsync_dir",
     "load_dcp",
-    "local_tensor",
     "one_line",
     "rng_state",
     "save_synced",
@@ -62,12 +61,6 @@ def dcp_keys(path: Path) -> set[str]:
         return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     except Exception:
         return set()
-
-
-def local_tensor(t: Tensor) -> Tensor:
-    """This rank's part of ``t`` (a DTensor's local shard, or ``t`` itself)."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def one_line(e: BaseException) -> str:
