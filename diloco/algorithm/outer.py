@@ -31,9 +31,16 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["OuterOptimizer", "Nesterov", "EMANesterov", "OUTER_METHODS"]
+from diloco.config.defaults import (
+    EMA_GAMMA,
+    EMA_INIT,
+    EMA_INITS,
+    OUTER_LR,
+    OUTER_METHODS,
+    OUTER_MOMENTUM,
+)
 
-OUTER_METHODS = ("nesterov", "sgd", "ema_nesterov", "none")
+__all__ = ["OuterOptimizer", "Nesterov", "EMANesterov", "OUTER_METHODS"]
 
 
 class OuterOptimizer(torch.optim.Optimizer):
@@ -82,7 +89,9 @@ class Nesterov(OuterOptimizer):
     only allocated when μ > 0.
     """
 
-    def __init__(self, params: Iterable[Tensor], lr: float = 0.7, momentum: float = 0.9):
+    def __init__(
+        self, params: Iterable[Tensor], lr: float = OUTER_LR, momentum: float = OUTER_MOMENTUM
+    ):
         if lr <= 0:
             raise ValueError(f"outer lr must be > 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -122,15 +131,15 @@ class EMANesterov(OuterOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor],
-        lr: float = 1.0,
-        gamma: float = 0.99,
-        ema_init: str = "zero",
+        lr: float = OUTER_LR,
+        gamma: float = EMA_GAMMA,
+        ema_init: str = EMA_INIT,
     ):
         if lr <= 0:
             raise ValueError(f"outer lr must be > 0, got {lr}")
         if not 0 <= gamma < 1:
             raise ValueError(f"ema gamma must be in [0, 1), got {gamma}")
-        if ema_init not in ("zero", "first_increment"):
+        if ema_init not in EMA_INITS:
             raise ValueError(f"ema_init must be 'zero' or 'first_increment', got {ema_init!r}")
         super().__init__(params, dict(lr=lr, gamma=gamma, ema_init=ema_init, beta=0.0, rounds=0))
 

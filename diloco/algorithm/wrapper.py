@@ -3,7 +3,7 @@
 Usage inside any training loop::
 
     dl = DiLoCo(model, inner_optimizer, outer="nesterov", sync_every=32,
-                outer_lr=0.7, outer_momentum=0.9)
+                outer_lr=0.7, outer_momentum=0.9)     # the DiLoCo paper's η and μ
     loss.backward(); dl.step(); dl.zero_grad()    # outer step every sync_every-th call
     with dl.slow_weights(): evaluate(model)       # the model holds θ inside the block
 
@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.algorithm.outer import OUTER_METHODS, EMANesterov, Nesterov, OuterOptimizer
 from diloco.algorithm.reducer import PseudoGradientReducer, SingleGroup
 from diloco.algorithm.tensors import local_tensor
+from diloco.config import defaults
 from diloco.errors import CheckpointError, DilocoError
 
 __all__ = ["DiLoCo", "SyncReport", "NonFiniteError"]
@@ -60,10 +61,6 @@ class SyncReport:
     reducer: dict[str, float] = field(default_factory=dict)
 
 
-def _default_outer_lr(method: str) -> float:
-    return 1.0 if method == "ema_nesterov" else 0.7
-
-
 class DiLoCo:
     """Two-loop optimiser: inner steps on the model, an outer step every ``sync_every`` steps.
 
@@ -75,7 +72,7 @@ class DiLoCo:
         outer: ``"nesterov"`` (DiLoCo/SNOO), ``"sgd"`` (Lookahead, μ = 0), ``"ema_nesterov"`` or
             ``"none"`` (plain inner optimiser: ``step`` is ``inner_optimizer.step``).
         sync_every: K, inner steps per round.
-        outer_lr: η (default 0.7; 1.0 for ``ema_nesterov``).
+        outer_lr: η.
         outer_momentum: μ for ``nesterov``.
         ema_beta, ema_gamma, ema_init: β_max, γ and m's initialisation for ``ema_nesterov``.
         ema_warmup_steps, ema_rest_steps: β = 0 while fewer than ``ema_warmup_steps`` inner
@@ -91,6 +88,10 @@ class DiLoCo:
             at a sync, entering and leaving :meth:`slow_weights`, :meth:`load_state_dict`), for
             an engine whose model weights are a copy of them (default: nothing to do).
 
+    Defaults are :mod:`diloco.config.defaults`' (the same as ``diloco train``'s: K = 16, η = 0.7,
+    μ = 0.5, β_max = 0.7, γ = 0.99); the DiLoCo paper's pair is η = 0.7, μ = 0.9, and
+    EMA-Nesterov's paper form η = 1 (README, "Choosing K, η, μ, β, γ").
+
     β of the next start point is β_max · lr / initial_lr, read from the inner optimiser's first
     param group at the outer step (the LR of the step that closed the round).
     """
@@ -99,29 +100,29 @@ class DiLoCo:
         self,
         model: nn.Module,
         inner_optimizer: torch.optim.Optimizer,
-        outer: str = "nesterov",
-        sync_every: int = 32,
-        outer_lr: float | None = None,
-        outer_momentum: float = 0.9,
-        ema_beta: float = 0.7,
-        ema_gamma: float = 0.99,
-        ema_init: str = "zero",
+        outer: str = defaults.OUTER_METHOD,
+        sync_every: int = defaults.SYNC_EVERY,
+        outer_lr: float = defaults.OUTER_LR,
+        outer_momentum: float = defaults.OUTER_MOMENTUM,
+        ema_beta: float = defaults.EMA_BETA,
+        ema_gamma: float = defaults.EMA_GAMMA,
+        ema_init: str = defaults.EMA_INIT,
         ema_warmup_steps: int = 0,
         ema_rest_steps: int = 0,
         total_steps: int | None = None,
         reducer: PseudoGradientReducer | None = None,
-        offload: str = "none",
-        max_bad_rounds: int = 3,
+        offload: str = defaults.OFFLOAD,
+        max_bad_rounds: int = defaults.MAX_BAD_ROUNDS,
         fast_tensors: Callable[[], list[Tensor]] | None = None,
         after_fast_write: Callable[[], None] | None = None,
     ):
-        if outer not in ("nesterov", "sgd", "ema_nesterov", "none"):
+        if outer not in OUTER_METHODS:
             raise ValueError(f"outer must be nesterov, sgd, ema_nesterov or none; got {outer!r}")
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         if not 0 <= ema_beta < 1:
             raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
-        if offload not in ("none", "cpu"):
+        if offload not in defaults.OFFLOADS:
             raise ValueError(f"offload must be 'none' or 'cpu', got {offload!r}")
         if ema_rest_steps and total_steps is None:
             raise ValueError("ema_rest_steps needs total_steps")
@@ -155,13 +156,11 @@ class DiLoCo:
         slow = [self._clone_local(p, "cpu" if host else None, pin) for p in sources]
         if host:
             self._staging = [torch.empty_like(t, pin_memory=pin) for t in slow]
-        lr = _default_outer_lr(outer) if outer_lr is None else outer_lr
         if outer == "ema_nesterov":
-            self.outer = EMANesterov(slow, lr=lr, gamma=ema_gamma, ema_init=ema_init)
+            self.outer = EMANesterov(slow, lr=outer_lr, gamma=ema_gamma, ema_init=ema_init)
         else:
-            self.outer = Nesterov(
-                slow, lr=lr, momentum=outer_momentum if outer == "nesterov" else 0.0
-            )
+            momentum = outer_momentum if outer == "nesterov" else 0.0
+            self.outer = Nesterov(slow, lr=outer_lr, momentum=momentum)
 
     @staticmethod
     def _clone_local(p: Tensor, device: str | None, pin: bool) -> Tensor:

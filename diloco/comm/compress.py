@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diloco.config.defaults import COMPRESS_METHODS
+
 __all__ = [
     "COMPRESS_METHODS",
     "BF16Codec",
@@ -65,8 +67,6 @@ __all__ = [
     "make_codec",
     "quantize_int8",
 ]
-
-COMPRESS_METHODS = ("none", "bf16", "int8")
 
 
 def quantize_int8(x: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:

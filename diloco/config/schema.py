@@ -1,7 +1,8 @@
 """Typed run configuration: defaults, YAML loading, ``--set`` overrides and validation.
 
 A config has one section per concern (``run``, ``model``, ``data``, ``inner``, ``outer``,
-``train``, ``topology``). The defaults below describe the tiny CPU SNOO run. :func:`load_config`
+``train``, ``topology``). The defaults below describe the tiny CPU SNOO run; the outer loop's
+come from :mod:`diloco.config.defaults`, shared with :class:`diloco.DiLoCo`. :func:`load_config`
 starts from them, deep-merges a YAML file and ``--set section.key=value`` overrides, then
 validates (:mod:`diloco.config.rules`): the first problem raises
 :class:`~diloco.errors.ConfigError` with one line naming the key, the value and what is allowed.
@@ -28,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from diloco.config import defaults
 from diloco.config.rules import shown, validate
 from diloco.errors import ConfigError
 
@@ -148,20 +150,22 @@ class OuterConfig:
     """Outer optimiser: how group updates are combined every ``sync_every`` inner steps."""
 
     method: str = _field(
-        "nesterov",
+        defaults.OUTER_METHOD,
         "Outer step on the averaged update: nesterov (DiLoCo; SNOO with one group), sgd, "
         "ema_nesterov, or none (no outer step: plain data-parallel baseline).",
-        ("nesterov", "sgd", "ema_nesterov", "none"),
+        defaults.OUTER_METHODS,
     )
-    sync_every: int = _field(16, "K: inner steps per round, between outer steps.")
-    lr: float = _field(0.7, "Outer learning rate (eta).")
-    momentum: float = _field(0.5, "Outer momentum (mu).")
-    ema_beta: float = _field(0.7, "ema_nesterov: peak EMA coefficient (beta_max).")
-    ema_gamma: float = _field(0.99, "ema_nesterov: EMA decay of the momentum buffer (gamma).")
+    sync_every: int = _field(defaults.SYNC_EVERY, "K: inner steps per round, between outer steps.")
+    lr: float = _field(defaults.OUTER_LR, "Outer learning rate (eta).")
+    momentum: float = _field(defaults.OUTER_MOMENTUM, "Outer momentum (mu).")
+    ema_beta: float = _field(defaults.EMA_BETA, "ema_nesterov: peak EMA coefficient (beta_max).")
+    ema_gamma: float = _field(
+        defaults.EMA_GAMMA, "ema_nesterov: EMA decay of the momentum buffer (gamma)."
+    )
     ema_init: str = _field(
-        "zero",
+        defaults.EMA_INIT,
         "ema_nesterov: initial momentum buffer; zero, or the first outer update.",
-        ("zero", "first_increment"),
+        defaults.EMA_INITS,
     )
     ema_warmup: float = _field(
         0.3, "ema_nesterov: fraction of train.steps at the start during which beta = 0."
@@ -170,9 +174,9 @@ class OuterConfig:
         0.1, "ema_nesterov: fraction of train.steps at the end during which beta = 0."
     )
     offload: str = _field(
-        "none",
+        defaults.OFFLOAD,
         "Where the outer state (global weights, momentum) lives: none = device, cpu = host RAM.",
-        ("none", "cpu"),
+        defaults.OFFLOADS,
     )
     compress: str = _field(
         "none",
@@ -180,7 +184,7 @@ class OuterConfig:
         "per-block scales; bf16/int8 use a two-phase exchange with error feedback (the "
         "compression residual is carried to the next round). Does nothing with "
         "topology.groups=1 (nothing is exchanged).",
-        ("none", "bf16", "int8"),
+        defaults.COMPRESS_METHODS,
     )
     compress_block: int = _field(
         256, "outer.compress=int8: elements per block sharing one fp32 scale."
@@ -207,7 +211,8 @@ class TrainConfig:
     checkpoint_every: int = _field(0, "Rounds between checkpoints; 0 = no checkpoints.")
     keep_last: int = _field(2, "Checkpoints kept on disk; older ones are deleted.")
     max_bad_rounds: int = _field(
-        3, "Consecutive rounds with a non-finite loss or update before the run stops."
+        defaults.MAX_BAD_ROUNDS,
+        "Consecutive rounds with a non-finite loss or update before the run stops.",
     )
     check_every: int = _field(10, "Rounds between cross-group weight checksums.")
 
