@@ -44,7 +44,24 @@ __all__ = ["OuterOptimizer", "Nesterov", "EMANesterov", "OUTER_METHODS"]
 
 
 class OuterOptimizer(torch.optim.Optimizer):
-    """Base class: an optimiser over slow weights that also writes the next start point."""
+    """Base class: an optimiser over slow weights that also writes the next start point.
+
+    A subclass names its constructor's settings in :attr:`settings` (kept in ``defaults``, so
+    :meth:`regrouped` can rebuild it) and its per-tensor state in :meth:`buffer_names`.
+    """
+
+    #: The constructor's keyword arguments besides ``params``, as stored in ``defaults``.
+    settings: tuple[str, ...] = ()
+
+    def regrouped(self, groups: list[list[Tensor]]) -> OuterOptimizer:
+        """The same optimiser (same settings, no state yet) with one param group per entry of
+        ``groups`` (Streaming DiLoCo: one per fragment)."""
+        settings = {k: self.defaults[k] for k in self.settings}
+        return type(self)([{"params": g} for g in groups], **settings)
+
+    def buffer_names(self) -> tuple[str, ...]:
+        """The names of the state buffers kept per slow tensor (each shaped like it)."""
+        return ()
 
     def slow_tensors(self, group: int | None = None) -> list[Tensor]:
         """The slow tensors θ of param group ``group`` (None: all, in param-group order)."""
@@ -89,6 +106,8 @@ class Nesterov(OuterOptimizer):
     only allocated when μ > 0.
     """
 
+    settings = ("lr", "momentum")
+
     def __init__(
         self, params: Iterable[Tensor], lr: float = OUTER_LR, momentum: float = OUTER_MOMENTUM
     ):
@@ -109,6 +128,9 @@ class Nesterov(OuterOptimizer):
         else:
             torch._foreach_add_(slow, grads, alpha=-lr)
 
+    def buffer_names(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.param_groups[0]["momentum"] > 0 else ()
+
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
         if "momentum_buffer" not in state:
@@ -128,6 +150,8 @@ class EMANesterov(OuterOptimizer):
     ``rounds`` (outer steps taken), both saved in ``state_dict``.
     """
 
+    settings = ("lr", "gamma", "ema_init")
+
     def __init__(
         self,
         params: Iterable[Tensor],
@@ -142,6 +166,9 @@ class EMANesterov(OuterOptimizer):
         if ema_init not in EMA_INITS:
             raise ValueError(f"ema_init must be 'zero' or 'first_increment', got {ema_init!r}")
         super().__init__(params, dict(lr=lr, gamma=gamma, ema_init=ema_init, beta=0.0, rounds=0))
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return ("ema",)
 
     def _emas(self, group: dict) -> list[Tensor]:
         emas = []

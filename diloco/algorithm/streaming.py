@@ -54,9 +54,9 @@ import torch
 from torch import Tensor, nn
 
 from diloco.algorithm.fragments import assign_fragments, fragment_schedule
-from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.algorithm.outer import EMANesterov
 from diloco.algorithm.reducer import PendingAverage
-from diloco.algorithm.wrapper import DiLoCo, NonFiniteError, SyncReport, _check_shapes
+from diloco.algorithm.wrapper import DiLoCo, SyncReport
 from diloco.errors import CheckpointError, DilocoError
 
 __all__ = ["StreamingDiLoCo"]
@@ -144,9 +144,9 @@ class StreamingDiLoCo(DiLoCo):
             [k for k, f in enumerate(of) if f == i] for i in range(fragments)
         ]
         self._slow = self.outer.slow_tensors()  # parameter order (one group so far)
-        self.outer = _per_fragment(self.outer, [
-            [self._slow[k] for k in idx] for idx in self.fragment_params
-        ])  # fmt: skip
+        self.outer = self.outer.regrouped(
+            [[self._slow[k] for k in idx] for idx in self.fragment_params]
+        )
         self._staging = None  # DiLoCo's full-size offload staging: the Δ buffer replaces it
         numels = [sum(self._slow[k].numel() for k in idx) for idx in self.fragment_params]
         ref = self._slow[0]
@@ -287,29 +287,12 @@ class StreamingDiLoCo(DiLoCo):
 
     def _end_period(self) -> SyncReport | None:
         p, self._period = self._period, _Period()
-        self.steps_in_round = 0
         if not p.sq:  # nothing was applied in this period (only after a user's early sync)
+            self.steps_in_round = 0
             return None
-        self._rounds += 1
-        self.bad_rounds = self.bad_rounds + 1 if p.skipped else 0
         norm = float(torch.stack(p.sq).sum().sqrt())
-        report = SyncReport(
-            round=self._rounds,
-            inner_steps=self.inner_steps,
-            pseudo_grad_norm=norm,
-            skipped=p.skipped,
-            beta=self.outer.beta if isinstance(self.outer, EMANesterov) else 0.0,
-            delta_s=p.delta_s,
-            reduce_s=p.reduce_s,
-            outer_s=p.outer_s,
-            reducer=_merge_stats(p.stats),
-        )
-        if p.skipped and self.bad_rounds >= self.max_bad_rounds:
-            raise NonFiniteError(
-                f"pseudo-gradient was non-finite for {self.bad_rounds} rounds in a row "
-                f"(last: round {self._rounds}); lower inner.lr or raise train.max_bad_rounds"
-            )
-        return report
+        stats = _merge_stats(p.stats)
+        return self._close_round(norm, p.skipped, p.delta_s, p.reduce_s, p.outer_s, stats)
 
     # ------------------------------------------------------------------ evaluation
     def _fast_equals_slow(self) -> bool:
@@ -318,6 +301,10 @@ class StreamingDiLoCo(DiLoCo):
     # ------------------------------------------------------------------ state
     #: Checkpoints must store the fast weights: at a period boundary they are not the start point.
     checkpoint_fast_weights = True
+
+    def checkpoint_blocker(self) -> str | None:
+        """Checkpoints are taken at period boundaries, where no average is in flight."""
+        return "a fragment's average is still in flight" if self._in_flight else None
 
     def _check_idle(self, what: str) -> None:
         if self._in_flight:
@@ -343,46 +330,24 @@ class StreamingDiLoCo(DiLoCo):
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (or the checkpointer's equivalent); the fast weights
         come from ``sd["fast"]`` when present, else restart at each fragment's start point."""
+        super().load_state_dict(sd)
+        self._period = _Period()
+
+    def _has_fast(self, sd: dict[str, Any]) -> bool:
+        return "fast" in sd
+
+    def _check_state(self, sd: dict[str, Any]) -> None:
         self._check_idle("load a state")
-        if sd.get("method") != self.method:
-            raise CheckpointError(
-                f"state is for outer method {sd.get('method')!r}, this run uses {self.method!r}"
-            )
-        _check_shapes("slow weights", sd["slow"], self.slow_tensors())
-        if "fast" in sd:
-            _check_shapes("fast weights", sd["fast"], self.fast_tensors())
+        super()._check_state(sd)
         groups = len(sd["outer"]["param_groups"])
         if groups != self.fragments:
             raise CheckpointError(
                 f"outer state has {groups} param groups (fragments), this run has {self.fragments}"
             )
-        self.inner.load_state_dict(sd["inner"])
-        self.inner_steps = sd["inner_steps"]
-        self.steps_in_round = sd["steps_in_round"]
-        self._rounds = sd["rounds"]
-        self.bad_rounds = sd["bad_rounds"]
-        torch._foreach_copy_(self.slow_tensors(), sd["slow"])
-        self.outer.load_state_dict(sd["outer"])
-        fast = self.fast_tensors()
-        if "fast" in sd:
-            torch._foreach_copy_(fast, sd["fast"])
-        else:
-            for i in range(self.fragments):
-                self.outer.write_start(self._fast(i, fast), group=i)
-        self._period = _Period()
-        self._after_fast_write()
 
-
-def _per_fragment(outer: OuterOptimizer, groups: list[list[Tensor]]) -> OuterOptimizer:
-    """The same outer optimiser (same settings, no state yet) with one param group per
-    fragment."""
-    d = outer.defaults
-    params = [{"params": g} for g in groups]
-    if isinstance(outer, EMANesterov):
-        return EMANesterov(params, lr=d["lr"], gamma=d["gamma"], ema_init=d["ema_init"])
-    if isinstance(outer, Nesterov):
-        return Nesterov(params, lr=d["lr"], momentum=d["momentum"])
-    raise TypeError(f"streaming does not know outer optimiser {type(outer).__name__}")
+    def _restart_all(self, fast: list[Tensor]) -> None:
+        for i in range(self.fragments):
+            self.outer.write_start(self._fast(i, fast), group=i)
 
 
 _SUMMED = ("bytes_sent", "buckets")

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +39,30 @@ from diloco.algorithm.tensors import local_tensor
 from diloco.config import defaults
 from diloco.errors import CheckpointError, DilocoError
 
-__all__ = ["DiLoCo", "SyncReport", "NonFiniteError"]
+__all__ = ["Checkpointable", "DiLoCo", "SyncReport", "NonFiniteError"]
 
 
 class NonFiniteError(DilocoError):
     """Too many consecutive rounds had a non-finite pseudo-gradient."""
+
+
+class Checkpointable(Protocol):
+    """What a checkpointer (:class:`diloco.persist.checkpoint.Checkpointer`) asks of a wrapper
+    besides its counters, tensors, outer optimiser and ``load_state_dict``. :class:`DiLoCo` and
+    :class:`~diloco.algorithm.streaming.StreamingDiLoCo` implement it."""
+
+    #: Whether a checkpoint must hold the fast weights: at a round boundary they differ from
+    #: the start point s that ``load_state_dict`` rebuilds (Streaming DiLoCo), so they are saved.
+    checkpoint_fast_weights: bool
+
+    def checkpoint_blocker(self) -> str | None:
+        """Why the state cannot be saved now (e.g. an average in flight), or None."""
+        ...
+
+    def inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimisers whose state is the inner state (as DCP's
+        ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` take them)."""
+        ...
 
 
 @dataclass
@@ -241,10 +260,7 @@ class DiLoCo:
         t2 = time.perf_counter()
         norm = self._global_norm(work)
         skipped = not math.isfinite(norm)
-        if skipped:
-            self.bad_rounds += 1
-        else:
-            self.bad_rounds = 0
+        if not skipped:
             for p, d in zip(slow, work, strict=True):
                 p.grad = d
             self.outer.step()
@@ -257,17 +273,34 @@ class DiLoCo:
             torch._foreach_copy_(fast, work, non_blocking=True)
         self._after_fast_write()
         t3 = time.perf_counter()
+        return self._close_round(norm, skipped, t1 - t0, t2 - t1, t3 - t2, reducer_stats)
+
+    def _close_round(
+        self,
+        norm: float,
+        skipped: bool,
+        delta_s: float,
+        reduce_s: float,
+        outer_s: float,
+        reducer_stats: dict[str, float],
+    ) -> SyncReport:
+        """Count the round that just ended and report it.
+
+        Raises:
+            NonFiniteError: this was the ``max_bad_rounds``-th skipped round in a row.
+        """
         self._rounds += 1
         self.steps_in_round = 0
+        self.bad_rounds = self.bad_rounds + 1 if skipped else 0
         report = SyncReport(
             round=self._rounds,
             inner_steps=self.inner_steps,
             pseudo_grad_norm=norm,
             skipped=skipped,
             beta=self.outer.beta if isinstance(self.outer, EMANesterov) else 0.0,
-            delta_s=t1 - t0,
-            reduce_s=t2 - t1,
-            outer_s=t3 - t2,
+            delta_s=delta_s,
+            reduce_s=reduce_s,
+            outer_s=outer_s,
             reducer=reducer_stats,
         )
         if skipped and self.bad_rounds >= self.max_bad_rounds:
@@ -343,14 +376,7 @@ class DiLoCo:
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the fast weights are restored too (or rebuilt as s)."""
-        if sd.get("method") != self.method:
-            raise CheckpointError(
-                f"state is for outer method {sd.get('method')!r}, this run uses {self.method!r}"
-            )
-        if self.outer is not None:  # check everything before changing anything
-            _check_shapes("slow weights", sd["slow"], self.slow_tensors())
-            if sd["steps_in_round"]:
-                _check_shapes("fast weights", sd["fast"], self.fast_tensors())
+        self._check_state(sd)  # everything before changing anything
         self.inner.load_state_dict(sd["inner"])
         self.inner_steps = sd["inner_steps"]
         self.steps_in_round = sd["steps_in_round"]
@@ -361,14 +387,48 @@ class DiLoCo:
         torch._foreach_copy_(self.slow_tensors(), sd["slow"])
         self.outer.load_state_dict(sd["outer"])
         fast = self.fast_tensors()
-        if self.steps_in_round:
+        if self._has_fast(sd):
             torch._foreach_copy_(fast, sd["fast"])
-        elif self._staging is None:
+        else:
+            self._restart_all(fast)
+        self._after_fast_write()
+
+    def _has_fast(self, sd: dict[str, Any]) -> bool:
+        """Whether ``sd`` holds the fast weights (else they restart at the start point s)."""
+        return bool(sd["steps_in_round"])
+
+    def _check_state(self, sd: dict[str, Any]) -> None:
+        """Raise CheckpointError unless ``sd`` fits this wrapper (method and shapes)."""
+        if sd.get("method") != self.method:
+            raise CheckpointError(
+                f"state is for outer method {sd.get('method')!r}, this run uses {self.method!r}"
+            )
+        if self.outer is not None:
+            _check_shapes("slow weights", sd["slow"], self.slow_tensors())
+            if self._has_fast(sd):
+                _check_shapes("fast weights", sd["fast"], self.fast_tensors())
+
+    def _restart_all(self, fast: list[Tensor]) -> None:
+        """fast ← s, the start point of the next round (through the staging copy if offloaded)."""
+        if self._staging is None:
             self.outer.write_start(fast)
         else:
             self.outer.write_start(self._staging)
             torch._foreach_copy_(fast, self._staging)
-        self._after_fast_write()
+
+    # ------------------------------------------------------------------ checkpoints
+    #: The fast weights equal the start point at a round boundary: checkpoints leave them out.
+    checkpoint_fast_weights = False
+
+    def checkpoint_blocker(self) -> str | None:
+        """Nothing keeps DiLoCo from being saved at a round boundary."""
+        return None
+
+    def inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimisers holding the inner state: the inner optimiser itself, or the parts
+        of a composite one (an inner optimiser with a ``parts`` tuple, such as
+        :class:`diloco.job.inner.MuonWithAdamW`)."""
+        return list(getattr(self.inner, "parts", None) or [self.inner])
 
 
 def _nothing() -> None:

@@ -21,11 +21,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     Embeddings (and the tied output head) and all 1-D tensors go to AdamW, as in modded-nanogpt.
     The two optimisers' param groups are exposed as one list, so LR schedulers and β ratios see
-    them as one optimiser; ``state_dict`` holds both.
+    them as one optimiser; ``state_dict`` holds both; ``parts`` lists them (what a checkpoint
+    saves: :meth:`diloco.DiLoCo.inner_optimizers`).
     """
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
         self.muon, self.adamw = muon, adamw
+        self.parts = (muon, adamw)
         # Deliberately no super().__init__: the parts own the params, groups and state.
         self.param_groups = muon.param_groups + adamw.param_groups
         self.defaults = {}

@@ -41,8 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
+from diloco.algorithm.outer import OuterOptimizer
 from diloco.algorithm.tensors import local_tensor
+from diloco.algorithm.wrapper import DiLoCo
 from diloco.config import Config, config_fingerprint, config_to_dict
 from diloco.errors import CheckpointError, note, warn
 from diloco.persist.checkpoint_files import (
@@ -78,12 +79,13 @@ class Checkpointer:
         cfg: the resolved config (stored in meta.json).
         runtime: this process's place in the (G, S) layout (``mesh`` None for one process).
         model: the (possibly FSDP2-sharded) model holding the fast weights.
-        dl: the DiLoCo wrapper (θ, outer state, inner optimiser, counters).
+        dl: the DiLoCo wrapper (θ, outer state, inner optimiser, counters); what else the
+            checkpointer asks of it is :class:`diloco.algorithm.wrapper.Checkpointable`.
         scheduler: the inner LR schedule.
         stream: this group's BatchStream.
     """
 
-    def __init__(self, cfg: Config, runtime: Any, model: nn.Module, dl: Any, scheduler, stream):
+    def __init__(self, cfg: Config, runtime: Any, model: nn.Module, dl: DiLoCo, scheduler, stream):
         self.cfg, self.runtime, self.model, self.dl = cfg, runtime, model, dl
         self.scheduler, self.stream = scheduler, stream
         self.root = Path(cfg.run.out_dir) / CHECKPOINTS
@@ -130,8 +132,9 @@ class Checkpointer:
 
     def _save(self, step: int, loop: dict[str, Any]) -> None:
         rt = self.runtime
-        if getattr(self.dl, "in_flight", 0):  # streaming: only at period boundaries (none then)
-            raise CheckpointError(f"step {step}: a fragment's average is still in flight")
+        blocker = self.dl.checkpoint_blocker()
+        if blocker is not None:
+            raise CheckpointError(f"step {step}: {blocker}")
         tmp = self.root / f"step_{step}.tmp"
         if rt.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -331,12 +334,6 @@ class Checkpointer:
             state["outer"] = outer
         return state, staged
 
-    def _optimizers(self) -> Any:
-        inner = self.dl.inner
-        if hasattr(inner, "muon") and hasattr(inner, "adamw"):  # MuonWithAdamW
-            return [inner.muon, inner.adamw]
-        return inner
-
     def _group_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
@@ -344,10 +341,10 @@ class Checkpointer:
         )
 
         self.dl.fast_tensors()
-        state = {"optim": get_optimizer_state_dict(self.model, self._optimizers())}
+        state = {"optim": get_optimizer_state_dict(self.model, self.dl.inner_optimizers())}
         # No θ: the model's weights are the state. Streaming: at a period boundary the fast
         # weights are not the start point, so they are saved too.
-        if self.dl.outer is None or getattr(self.dl, "checkpoint_fast_weights", False):
+        if self.dl.outer is None or self.dl.checkpoint_fast_weights:
             state["model"] = get_model_state_dict(self.model)
         residual = self._residual_state()
         if residual:
@@ -398,7 +395,7 @@ class Checkpointer:
             set_optimizer_state_dict,
         )
 
-        set_optimizer_state_dict(self.model, self._optimizers(), state["optim"])
+        set_optimizer_state_dict(self.model, self.dl.inner_optimizers(), state["optim"])
         if "model" in state:
             set_model_state_dict(self.model, state["model"])
 
@@ -418,12 +415,7 @@ def outer_buffers(outer: OuterOptimizer | None, slow: list[Tensor]) -> list[dict
     first round has not run: exactly what the outer optimiser would create)."""
     if outer is None:
         return []
-    if isinstance(outer, EMANesterov):
-        names: tuple[str, ...] = ("ema",)
-    elif isinstance(outer, Nesterov) and outer.param_groups[0]["momentum"] > 0:
-        names = ("momentum_buffer",)
-    else:
-        names = ()
+    names = outer.buffer_names()
     out = []
     for p in slow:
         state = outer.state[p]
