@@ -20,6 +20,7 @@ import torch
 from diloco.cli import main
 from diloco.comm.topology import Runtime
 from diloco.config import load_config
+from diloco.job import events
 from diloco.job.data import eval_batches, load_corpus
 from diloco.job.metrics import read_metrics
 from diloco.job.train import evaluate, train
@@ -67,11 +68,13 @@ class Crash(Exception):
 
 
 def crash_at(step: int):
-    def hook(s, dl, rank, world):
-        if s == step:
-            raise Crash(f"crash at step {s}")
+    """An observer of the job's events that crashes after the backward pass of ``step``."""
 
-    return hook
+    def observer(name, **info):
+        if name == "after_backward" and info["step"] == step:
+            raise Crash(f"crash at step {step}")
+
+    return observer
 
 
 def same_fields(path: Path) -> list[dict]:
@@ -123,10 +126,8 @@ def test_resume_after_crash_gives_identical_metrics(corpus, tmp_path, monkeypatc
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     expected = train(load_config(None, tiny(corpus, full, *variant)))
     cfg = load_config(None, tiny(corpus, resumed, *variant))
-    monkeypatch.setattr(faults, "after_backward", crash_at(14))
-    with pytest.raises(Crash):
+    with events.observing(crash_at(14)), pytest.raises(Crash):
         train(cfg)
-    monkeypatch.undo()
     assert [p.name for p in list_checkpoints(resumed)] == ["step_8"]
     summary = train(cfg)  # default: resume from the newest checkpoint
     assert same_fields(resumed / "metrics.jsonl") == same_fields(full / "metrics.jsonl")

@@ -28,12 +28,12 @@ from diloco.algorithm.streaming import StreamingDiLoCo
 from diloco.comm.topology import Runtime
 from diloco.config import load_config
 from diloco.errors import DilocoError
+from diloco.job import events
 from diloco.job.data import eval_batches, load_corpus
 from diloco.job.metrics import read_metrics
 from diloco.job.train import evaluate, train
 from diloco.models import GPT, GPTConfig
 from diloco.persist.resume import list_checkpoints, read_meta
-from diloco.testing import faults
 
 STEPS, K = 16, 4
 TINY = tiny_overrides(
@@ -273,14 +273,12 @@ def test_resume_mid_run_with_fragments_equals_an_uninterrupted_run(tmp_path, mon
     full = single(tmp_path / "full", *extra)
     cfg = load_config(None, [*TINY, f"run.out_dir={tmp_path / 'resumed'}", *extra])
 
-    def crash(step, *args):
-        if step == 11:
+    def crash(name, **info):
+        if name == "after_backward" and info["step"] == 11:
             raise Crash
 
-    monkeypatch.setattr(faults, "after_backward", crash)
-    with pytest.raises(Crash):
+    with events.observing(crash), pytest.raises(Crash):
         train(cfg)
-    monkeypatch.undo()
     ckpt = list_checkpoints(tmp_path / "resumed")[0]
     assert ckpt.name == "step_8"
     meta = read_meta(ckpt)

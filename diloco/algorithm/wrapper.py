@@ -107,7 +107,7 @@ class DiLoCo:
             at a sync, entering and leaving :meth:`slow_weights`, :meth:`load_state_dict`), for
             an engine whose model weights are a copy of them (default: nothing to do).
 
-    Defaults are :mod:`diloco.config.defaults`' (the same as ``diloco train``'s: K = 16, η = 0.7,
+    The defaults come from :mod:`diloco.config.defaults` (``diloco train``'s: K = 16, η = 0.7,
     μ = 0.5, β_max = 0.7, γ = 0.99); the DiLoCo paper's pair is η = 0.7, μ = 0.9, and
     EMA-Nesterov's paper form η = 1 (README, "Choosing K, η, μ, β, γ").
 

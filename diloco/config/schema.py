@@ -323,11 +323,11 @@ def config_reference() -> str:
     """A Markdown reference of every section and key: default, allowed values and meaning."""
     lines = []
     for name, cls in _SECTIONS.items():
-        defaults = cls()
+        example = cls()
         lines += ["", f"### `{name}`", "", cls.__doc__, "", "| key | default | meaning |"]
         lines.append("|---|---|---|")
         for f in dataclasses.fields(cls):
-            default = getattr(defaults, f.name)
+            default = getattr(example, f.name)
             shown = default if isinstance(default, str) else json.dumps(default)
             choices = f.metadata["choices"]
             allowed = f" One of: {', '.join(choices)}." if choices else ""

@@ -43,6 +43,7 @@ from diloco.algorithm.wrapper import DiLoCo, SyncReport
 from diloco.comm.topology import Runtime, init_runtime
 from diloco.config import Config, dump_config
 from diloco.errors import ConfigError, TopologyError, warn
+from diloco.job import events
 from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
 from diloco.job.inner import build_inner_optimizer, build_scheduler
 from diloco.job.metrics import MetricsLogger, peak_rss_mb
@@ -250,7 +251,10 @@ def train(
     ``resume``/``force``: see :func:`diloco.persist.resume.plan_resume` (None: continue from the
     newest checkpoint in ``run.out_dir`` if there is one, as a restarted torchrun job must).
     ``on_log``/``on_checkpoint``: see :data:`OnLog`, :data:`OnCheckpoint` (e.g. Ray reports).
+    The job emits its :mod:`diloco.job.events`; the test-only fault observer is installed here
+    when a ``DILOCO_TEST_*`` variable asks for it (:mod:`diloco.testing.faults`).
     """
+    faults.install_from_env()
     o = cfg.outer
     runtime = init_runtime(cfg.topology, cfg.run.device, o.compress, o.compress_block)
     if o.compress != "none" and runtime.groups == 1:
@@ -351,7 +355,7 @@ def _train(
         t0 = time.perf_counter()
         x, y = shard_batch(*stream.next(), runtime.shard, runtime.shards)
         loss = _forward_backward(runtime, model, dl, x, y, deepspeed)
-        faults.after_backward(step, dl, runtime.rank, runtime.world)  # test-only, env-driven
+        events.emit("after_backward", step=step, dl=dl, rank=runtime.rank, world=runtime.world)
         if cfg.inner.grad_clip and not deepspeed:  # DeepSpeed's own step clips
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.inner.grad_clip)
         lr = dl.inner.param_groups[-1]["lr"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from diloco.config import config_from_dict
 from diloco.errors import DilocoError
-from diloco.testing import faults
+from diloco.job import events
 
 __all__ = ["choose_resume", "stage_checkpoint", "train_worker"]
 
@@ -158,7 +158,13 @@ class _RayReporter:
             checkpoint_upload_mode=self.train.CheckpointUploadMode.ASYNC,
             delete_local_checkpoint_after_upload=True,
         )
-        faults.after_ray_checkpoint(meta["round"], self.rank, self.world, self.attempt)
+        events.emit(
+            "ray_checkpoint_reported",
+            round=meta["round"],
+            rank=self.rank,
+            world=self.world,
+            attempt=self.attempt,
+        )
 
 
 def _report_placement(rank: int, shards: int) -> None:

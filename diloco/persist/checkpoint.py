@@ -46,6 +46,7 @@ from diloco.algorithm.tensors import local_tensor
 from diloco.algorithm.wrapper import DiLoCo
 from diloco.config import Config, config_fingerprint, config_to_dict
 from diloco.errors import CheckpointError, note, warn
+from diloco.job import events
 from diloco.persist.checkpoint_files import (
     dcp_keys,
     dcp_save,
@@ -65,7 +66,6 @@ from diloco.persist.resume import (
     list_checkpoints,
     read_meta,
 )
-from diloco.testing import faults
 
 __all__ = ["Checkpointer", "outer_buffers"]
 
@@ -154,7 +154,7 @@ class Checkpointer:
             meta = self._meta(step, loop, tmp)
             write_synced(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
             fsync_dir(tmp)
-            faults.before_rename(step)
+            events.emit("before_checkpoint_rename", step=step)
             final = self.root / f"step_{step}"
             old = self.root / f"step_{step}.old"
             if final.exists():  # a broken checkpoint of this step that auto skipped

@@ -1,5 +1,9 @@
 """Test-only fault injection, switched on by environment variables. Never set them in real runs.
 
+:func:`install_from_env` (called once at the start of every training job,
+:func:`diloco.job.train.train`) installs :func:`observe` as an observer of the job's events
+(:mod:`diloco.job.events`) when any of these variables is set, and does nothing otherwise:
+
 ``DILOCO_TEST_NAN_AT_STEP=n[,m,...]``
     After the backward pass of inner step n, fill this rank's shard of the first parameter with
     NaN. Pick n at the last step of a round (n % K == 0): the inner optimiser state stays finite,
@@ -17,6 +21,8 @@
     last rank) right after the checkpoint that ends round n has been reported to Ray, on the
     first attempt only (the launcher counts attempts in the run directory), so Ray's
     ``FailureConfig(max_failures)`` restarts the job.
+
+The variables are read when an event happens, so a test may set or clear them between runs.
 """
 
 from __future__ import annotations
@@ -27,21 +33,40 @@ from typing import Any
 
 import torch
 
+from diloco.job import events
+
 NAN_AT_STEP = "DILOCO_TEST_NAN_AT_STEP"
 KILL_AT_STEP = "DILOCO_TEST_KILL_AT_STEP"
 KILL_RANK = "DILOCO_TEST_KILL_RANK"
 CRASH_BEFORE_RENAME = "DILOCO_TEST_CRASH_BEFORE_RENAME"
 RAY_EXIT_AFTER_ROUND = "DILOCO_TEST_RAY_EXIT_AFTER_ROUND"
+VARIABLES = (NAN_AT_STEP, KILL_AT_STEP, KILL_RANK, CRASH_BEFORE_RENAME, RAY_EXIT_AFTER_ROUND)
 
 __all__ = [
-    "after_backward",
-    "after_ray_checkpoint",
-    "before_rename",
-    "NAN_AT_STEP",
-    "KILL_AT_STEP",
     "CRASH_BEFORE_RENAME",
+    "KILL_AT_STEP",
+    "KILL_RANK",
+    "NAN_AT_STEP",
     "RAY_EXIT_AFTER_ROUND",
+    "install_from_env",
+    "observe",
 ]
+
+
+def install_from_env() -> None:
+    """Observe the job's events for faults if any ``DILOCO_TEST_*`` variable is set."""
+    if any(os.environ.get(name) for name in VARIABLES):
+        events.install(observe)
+
+
+def observe(name: str, **info: Any) -> None:
+    """The fault observer: inject what the environment asks for at event ``name``."""
+    if name == "after_backward":
+        _after_backward(**info)
+    elif name == "before_checkpoint_rename":
+        _before_rename(**info)
+    elif name == "ray_checkpoint_reported":
+        _after_ray_checkpoint(**info)
 
 
 def _steps(name: str) -> set[int]:
@@ -49,7 +74,7 @@ def _steps(name: str) -> set[int]:
     return {int(s) for s in value.split(",") if s.strip()}
 
 
-def after_backward(step: int, dl: Any, rank: int, world: int) -> None:
+def _after_backward(step: int, dl: Any, rank: int, world: int) -> None:
     """Inject the NaN and kill faults of inner ``step`` (``dl``: the DiLoCo wrapper)."""
     if not (os.environ.get(NAN_AT_STEP) or os.environ.get(KILL_AT_STEP)):
         return
@@ -62,14 +87,14 @@ def after_backward(step: int, dl: Any, rank: int, world: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def before_rename(step: int) -> None:
+def _before_rename(step: int) -> None:
     """Simulate a crash between writing checkpoint ``step`` and renaming it into place."""
     if step in _steps(CRASH_BEFORE_RENAME):
         os._exit(1)
 
 
-def after_ray_checkpoint(round_: int, rank: int, world: int, attempt: int) -> None:
-    """Simulate a worker dying after the checkpoint of round ``round_`` was reported to Ray."""
+def _after_ray_checkpoint(round: int, rank: int, world: int, attempt: int) -> None:
+    """Simulate a worker dying after the checkpoint of round ``round`` was reported to Ray."""
     victim = int(os.environ.get(KILL_RANK, world - 1))
-    if round_ in _steps(RAY_EXIT_AFTER_ROUND) and attempt == 0 and rank == victim:
+    if round in _steps(RAY_EXIT_AFTER_ROUND) and attempt == 0 and rank == victim:
         os._exit(1)
