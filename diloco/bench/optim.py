@@ -63,8 +63,9 @@ from diloco.bench.plan import (
     make_plan,
     spec,
 )
-from diloco.bench.report import hardware, plot_curves, render_markdown, settings_label
+from diloco.bench.report import hardware, plot_curves, render_markdown
 from diloco.bench.runner import Runner
+from diloco.bench.spec import settings_label
 from diloco.errors import ConfigError
 
 __all__ = ["add_arguments", "run_bench", "run_from_args"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diloco.bench.runner import RunSpec
+from diloco.bench.spec import RunSpec
 from diloco.config import config_from_dict, config_to_dict, load_config
 from diloco.errors import ConfigError
 

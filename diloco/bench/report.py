@@ -12,28 +12,12 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diloco.bench.spec import settings_label
+
 if TYPE_CHECKING:
     from diloco.bench.plan import Plan
 
-__all__ = ["plot_curves", "render_markdown", "settings_label", "hardware"]
-
-
-def settings_label(settings: dict[str, Any]) -> str:
-    """``lr=0.002 K=8 η=0.7 μ=0.5``: the tuned knobs of a setting."""
-    names = {
-        "inner.lr": "lr",
-        "inner.muon_lr": "muon_lr",
-        "outer.sync_every": "K",
-        "outer.lr": "η",
-        "outer.momentum": "μ",
-    }
-    parts = []
-    for key, name in names.items():
-        if key in settings:
-            value = settings[key]
-            shown = f"{value:g}" if isinstance(value, float) else str(value)
-            parts.append(f"{name}={shown}")
-    return " ".join(parts)
+__all__ = ["plot_curves", "render_markdown", "hardware"]
 
 
 def _size_label(plan: Plan, size: str) -> str:

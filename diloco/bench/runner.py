@@ -17,7 +17,6 @@ seeded and single-process runs use the same thread count as before.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import itertools
 import json
@@ -30,53 +29,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diloco.config import config_from_dict, config_to_dict, dump_config
+from diloco.bench.spec import RunSpec, settings_label
+from diloco.config import config_from_dict, dump_config
 from diloco.errors import DilocoError
 from diloco.launchers.local import child_env, torchrun_cmd
 
-__all__ = ["RunSpec", "Runner", "run_key"]
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training of the benchmark: what it is (for the tables) and its full config."""
-
-    method: str
-    size: str
-    steps: int
-    seed: int
-    settings: dict[str, Any]  # the tuned knobs that distinguish it from its method's defaults
-    cfg: dict[str, dict[str, Any]]  # nested config (``run.out_dir`` is set by the runner)
-    groups: int = 1
-    tuning: bool = False  # tuning runs are scheduled before measurement runs
-
-    @property
-    def key(self) -> str:
-        return run_key(self.method, self.size, self.steps, self.seed, self.groups, self.cfg)
-
-    def cost(self) -> float:
-        """≈ training FLOPs / 6: parameters × tokens (orders the queue, longest first)."""
-        model, data = self.cfg["model"], self.cfg["data"]
-        params = (
-            12 * model["n_layer"] * model["n_embd"] ** 2 + model["vocab_size"] * model["n_embd"]
-        )
-        return params * self.steps * data["batch_size"] * model["block_size"] * self.groups
-
-
-def run_key(method: str, size: str, steps: int, seed: int, groups: int, cfg: dict) -> str:
-    """``<method>-<size>-<steps>-s<seed>-<hash>``; the hash covers everything that can change
-    the result (the resolved config minus output/progress settings, and the process count)."""
-    data = config_to_dict(config_from_dict(cfg))  # resolved: defaults filled, values canonical
-    for dotted in ("run.out_dir", "run.progress", "run.tensorboard"):
-        section, key = dotted.split(".")
-        data[section].pop(key, None)
-    blob = json.dumps({"config": data, "nproc": groups}, sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return f"{method}-{size}-{steps}-s{seed}-{digest}"
+__all__ = ["Runner", "execute", "load_result", "read_curve"]
 
 
 class RunnerStopped(DilocoError):
@@ -219,8 +180,6 @@ class Runner:
             else:
                 self.reused += 1
             n = self.executed + self.reused
-        from diloco.bench.report import settings_label
-
         loss = result["final_val_loss"]
         shown = f"{loss:.4f}" if loss is not None else result["status"]
         self.log(
