@@ -6,38 +6,5 @@ defaults the library (:class:`diloco.DiLoCo`) shares with the schema. Nothing he
 torch: configs are loaded and checked before any heavy import.
 """
 
-from diloco.config.schema import (
-    FINGERPRINT_IGNORE,
-    Config,
-    DataConfig,
-    InnerConfig,
-    ModelConfig,
-    OuterConfig,
-    RunConfig,
-    TopologyConfig,
-    TrainConfig,
-    config_fingerprint,
-    config_from_dict,
-    config_reference,
-    config_to_dict,
-    dump_config,
-    load_config,
-)
-
-__all__ = [
-    "FINGERPRINT_IGNORE",
-    "Config",
-    "DataConfig",
-    "InnerConfig",
-    "ModelConfig",
-    "OuterConfig",
-    "RunConfig",
-    "TopologyConfig",
-    "TrainConfig",
-    "config_fingerprint",
-    "config_from_dict",
-    "config_reference",
-    "config_to_dict",
-    "dump_config",
-    "load_config",
-]
+from diloco.config.schema import *  # noqa: F403 (the package exports the schema's API)
+from diloco.config.schema import __all__ as __all__
