@@ -21,6 +21,8 @@ is measured on that θ, and rank 0 writes it to ``final_model.pt`` (the full, un
 With G > 1 groups every rank checks that θ is the same in all groups (a float64 checksum of the
 local slow shards, one small all-reduce) before the first step, every ``train.check_every``
 rounds and after the last round; a mismatch stops the job with a ``TopologyError``.
+
+Observers (the tests' fault injection) see the job only through :mod:`diloco.job.events`.
 """
 
 from __future__ import annotations
