@@ -186,9 +186,7 @@ class StreamingDiLoCo(DiLoCo):
     # ------------------------------------------------------------------ stepping
     def step(self, closure: Any = None) -> SyncReport | None:
         """One inner step, then the starts and applies due after it (module docstring)."""
-        loss = self.inner.step(closure) if closure is not None else self.inner.step()
-        del loss
-        self.inner_steps += 1
+        self._inner_step(closure)
         self.steps_in_round += 1
         phase = self.inner_steps % self.sync_every
         with torch.no_grad():

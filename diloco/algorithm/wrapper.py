@@ -217,15 +217,21 @@ class DiLoCo:
 
     def step(self, closure: Any = None) -> SyncReport | None:
         """One inner step; at the end of a round also the outer step (returns its report)."""
-        loss = self.inner.step(closure) if closure is not None else self.inner.step()
-        del loss
-        self.inner_steps += 1
+        self._inner_step(closure)
         if self.outer is None:
             return None
         self.steps_in_round += 1
         if self.steps_in_round == self.sync_every:
             return self.sync()
         return None
+
+    def _inner_step(self, closure: Any) -> None:
+        """The inner optimiser's step (a closure's loss is not kept), counted."""
+        if closure is not None:
+            self.inner.step(closure)
+        else:
+            self.inner.step()
+        self.inner_steps += 1
 
     def _next_beta(self) -> float:
         n = self.inner_steps
