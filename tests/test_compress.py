@@ -372,6 +372,14 @@ def test_mesh_reducer_rounds_match_the_simulation_on_every_group(reducer_runs, m
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
 
 
+def _without_timings(stats):
+    """A round's statistics (a dict, or one per fragment) minus the wall-clock timings (only the
+    blocking form measures ``reduce_wait_s``)."""
+    if isinstance(stats, list):
+        return [_without_timings(s) for s in stats]
+    return {k: v for k, v in stats.items() if not k.endswith("_s")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["none", "bf16", "int8"])
 def test_async_average_equals_the_synchronous_one_also_with_fragments_in_flight(reducer_runs, mode):
@@ -381,7 +389,7 @@ def test_async_average_equals_the_synchronous_one_also_with_fragments_in_flight(
         for a, b in [("async", "sync"), ("fragments_async", "fragments_sync")]:
             for ra, rb in zip(run[mode, a]["rounds"], run[mode, b]["rounds"], strict=True):
                 assert torch.equal(_flat(ra["mean"]), _flat(rb["mean"]))
-                assert ra["stats"] == rb["stats"]
+                assert _without_timings(ra["stats"]) == _without_timings(rb["stats"])
             for ea, eb in zip(run[mode, a]["residuals"], run[mode, b]["residuals"], strict=True):
                 assert torch.equal(ea, eb)
         fragment_stats = run[mode, "fragments_async"]["rounds"][0]["stats"]

@@ -209,17 +209,20 @@ def exchange_encode(x: Tensor, groups: int, codec: Codec) -> tuple[Tensor, Tenso
     return send, error
 
 
-def exchange_average(recv: Tensor, groups: int, c: int, codec: Codec) -> tuple[Tensor, Tensor]:
+def exchange_average(
+    recv: Tensor, groups: int, c: int, codec: Codec, divisor: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Phase 1, owner side: recv [G, P] (row g from group g) → (payload [1, P], a − t [c]).
 
-    a = mean over the G decoded rows (fp32, summed in group order), payload = enc(a), and
-    a − t = a − dec(payload) is the owner's second quantisation error.
+    a = the sum of the G decoded rows (fp32, in group order) divided by ``divisor`` (default G;
+    fewer when some rows are zeros from groups that contribute nothing this round),
+    payload = enc(a), and a − t = a − dec(payload) is the owner's second quantisation error.
     """
     rows = codec.decode(recv, c)
     a = rows[0].clone()
     for g in range(1, groups):
         a += rows[g]
-    a /= groups
+    a /= groups if divisor is None else divisor
     payload = codec.encode(a.view(1, c))
     return payload, a - codec.decode(payload, c).view(c)
 
