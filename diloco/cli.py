@@ -40,8 +40,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume, force=args.force)
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # rank 0 reports for the whole job
+    if os.environ.get("RANK", "0") != "0" or "finished_elsewhere" in summary:
+        return 0  # rank 0 reports for the whole job (an elastic latecomer has said why)
     print(
         f"final val loss {summary['final_val_loss']:.4f} after {summary['steps']} steps "
         f"({summary['tokens']} tokens, {summary['wall_s']:.1f} s); outputs in {cfg.run.out_dir}"
@@ -131,17 +131,49 @@ def _add_report_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_launch_parser(sub: argparse._SubParsersAction) -> None:
-    """``launch ray``: the same job on G·S Ray workers (Ray is imported only when it runs)."""
-    from diloco.launchers.ray_launcher import add_arguments, run_from_args
+    """``launch local`` and ``launch ray`` (Ray is imported only when it runs)."""
+    from diloco.launchers import ray_launcher, supervisor
 
-    p = sub.add_parser("launch", help="run diloco train under a launcher (ray)")
+    p = sub.add_parser("launch", help="run a whole job under a launcher (local, ray)")
     kinds = p.add_subparsers(dest="launcher", required=True)
-    p = kinds.add_parser(
-        "ray", help="Ray Train places and supervises the G·S workers; restarts from checkpoints"
+    for name, module, help_text in (
+        (
+            "local",
+            supervisor,
+            "G groups x S shards on this machine; --elastic: groups restart alone",
+        ),
+        ("ray", ray_launcher, "Ray places and supervises the G·S workers; restarts on failure"),
+    ):
+        q = kinds.add_parser(name, help=help_text)
+        _add_config_args(q)
+        module.add_arguments(q)
+        q.set_defaults(func=module.run_from_args)
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from diloco.comm.elastic.coordinator import CoordinatorSettings, run_coordinator
+    from diloco.config import load_config
+
+    per_group = ("topology.group_id", "topology.coordinator", "topology.elastic")
+    overrides = [o for o in args.overrides if not o.strip().startswith(per_group)]
+    cfg = load_config(args.config, overrides)
+    return run_coordinator(args.bind, CoordinatorSettings.from_topology(cfg.topology))
+
+
+def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
+    """``coordinator``: the membership service of elastic worker groups (one per job)."""
+    p = sub.add_parser(
+        "coordinator",
+        help="serve an elastic job's membership (torchft lighthouse) and rendezvous store",
+    )
+    p.add_argument(
+        "--bind",
+        required=True,
+        metavar="HOST:PORT",
+        help="where groups reach it (topology.coordinator); the store uses PORT+1",
     )
     _add_config_args(p)
-    add_arguments(p)
-    p.set_defaults(func=run_from_args)
+    p.set_defaults(func=_cmd_coordinator)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parsers(sub)
     _add_bench_parser(sub)
     _add_launch_parser(sub)
+    _add_coordinator_parser(sub)
     return parser
 
 

@@ -529,14 +529,29 @@ def test_fingerprint_is_a_stable_hex_digest():
     assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
 
 
+#: An elastic group's settings (the elastic keys only mean something with them).
+ELASTIC = {
+    "topology.elastic": True,
+    "topology.groups": 2,
+    "topology.group_id": 0,
+    "topology.coordinator": "127.0.0.1:29510",
+}
+
+
 @pytest.mark.parametrize("key", FINGERPRINT_IGNORE)
 def test_fingerprint_ignores_settings_that_do_not_change_the_maths(key):
-    value = {"run.out_dir": "elsewhere", "run.progress": False, "run.tensorboard": True}.get(
-        key, 99
-    )
-    assert config_fingerprint(config_from_dict(nested({key: value}))) == config_fingerprint(
-        Config()
-    )
+    """Also: every group of an elastic job (and every restart of one, at any coordinator
+    address) has the same fingerprint."""
+    value = {
+        "run.out_dir": "elsewhere",
+        "run.progress": False,
+        "run.tensorboard": True,
+        "topology.group_id": 1,
+        "topology.coordinator": "10.0.0.2:29600",
+    }.get(key, 99)
+    base = ELASTIC if key in ELASTIC or key.endswith("timeout_s") else {}
+    changed = config_from_dict(nested({**base, key: value}))
+    assert config_fingerprint(changed) == config_fingerprint(config_from_dict(nested(base)))
 
 
 def test_fingerprint_ignores_train_steps_so_a_run_can_be_extended():

@@ -63,6 +63,18 @@ class OuterOptimizer(torch.optim.Optimizer):
         """The names of the state buffers kept per slow tensor (each shaped like it)."""
         return ()
 
+    def buffers(self) -> list[Tensor]:
+        """Every state buffer (:meth:`buffer_names`, then slow-tensor order), allocated as zeros
+        where the optimiser has not made it yet (a zero buffer is what a missing one means)."""
+        out = []
+        for name in self.buffer_names():
+            for p in self.slow_tensors():
+                state = self.state[p]
+                if name not in state:
+                    state[name] = torch.zeros_like(p)
+                out.append(state[name])
+        return out
+
     def slow_tensors(self, group: int | None = None) -> list[Tensor]:
         """The slow tensors θ of param group ``group`` (None: all, in param-group order)."""
         return [p for g in self._groups(group) for p in g["params"]]

@@ -422,6 +422,35 @@ class DiLoCo:
             self.outer.write_start(self._staging)
             torch._foreach_copy_(fast, self._staging)
 
+    # ------------------------------------------------------------------ shared state
+    def shared_tensors(self) -> list[Tensor]:
+        """What every group holds identically at a round boundary: θ, then the outer state
+        buffers (this rank's shards). A joining group receives them (elastic healing)."""
+        if self.outer is None:
+            return []
+        return [*self.slow_tensors(), *self.outer.buffers()]
+
+    def shared_state(self) -> dict[str, Any]:
+        """The counters and schedule values that go with :meth:`shared_tensors` (JSON)."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.outer.param_groups]
+        return {
+            "inner_steps": self.inner_steps,
+            "rounds": self._rounds,
+            "bad_rounds": self.bad_rounds,
+            "outer_groups": groups,
+            "inner_lrs": [g["lr"] for g in self.inner.param_groups],
+        }
+
+    def load_shared_state(self, state: dict[str, Any]) -> None:
+        """Adopt another group's :meth:`shared_state` (its tensors are already copied in)."""
+        self.inner_steps = state["inner_steps"]
+        self._rounds = state["rounds"]
+        self.bad_rounds = state["bad_rounds"]
+        for g, saved in zip(self.outer.param_groups, state["outer_groups"], strict=True):
+            g.update(saved)
+        for g, lr in zip(self.inner.param_groups, state["inner_lrs"], strict=True):
+            g["lr"] = lr
+
     # ------------------------------------------------------------------ checkpoints
     #: The fast weights equal the start point at a round boundary: checkpoints leave them out.
     checkpoint_fast_weights = False

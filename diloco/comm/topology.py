@@ -22,7 +22,7 @@ import gc
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -40,8 +40,10 @@ __all__ = [
     "Runtime",
     "destroy_process_groups",
     "init_runtime",
+    "resolve_backend",
     "resolve_device",
     "resolve_mixed_precision",
+    "set_threads",
 ]
 
 
@@ -81,6 +83,23 @@ class Runtime:
     precision: str = "fp32"  # resolved compute precision: fp32 or bf16
     _sharded: bool = False
     owns_process_group: bool = False  # False when a launcher (e.g. Ray Train) created it
+    #: Elastic worker groups: this rank's :class:`~diloco.comm.elastic.membership.Membership`
+    #: (None on the mesh path). ``group``/``groups`` are then the group id and G, and ``rank``,
+    #: ``world`` and ``mesh`` (a (1, S) mesh, or None for S = 1) are the group's own world.
+    membership: Any = None
+
+    @property
+    def elastic(self) -> bool:
+        return self.membership is not None
+
+    def alive(self) -> None:
+        """The training loop made progress (elastic: keeps the heartbeats going)."""
+        if self.membership is not None:
+            self.membership.progress()
+
+    def busy(self) -> contextlib.AbstractContextManager:
+        """A long phase that is not a hang (evaluation, checkpoint): heartbeats continue."""
+        return self.membership.busy() if self.membership is not None else contextlib.nullcontext()
 
     @property
     def is_main(self) -> bool:
@@ -186,6 +205,10 @@ class Runtime:
     def close(self) -> None:
         """Tear down the process group if this runtime created it (see
         :func:`destroy_process_groups`); the mesh and reducer are dropped with it."""
+        if self.membership is not None:
+            self.membership.close()
+            self.membership = None
+            self.reducer = SingleGroup()
         if self.owns_process_group:
             self.mesh, self.reducer = None, SingleGroup()
             destroy_process_groups()
@@ -206,7 +229,23 @@ def destroy_process_groups() -> None:
     gc.collect()
 
 
-def _set_threads(world_on_node: int) -> None:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` is NCCL on CUDA, else gloo.
+
+    Raises:
+        TopologyError: NCCL without CUDA.
+    """
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise TopologyError(
+            f"topology.backend=nccl needs CUDA but run.device is {device.type}; "
+            "use topology.backend=gloo or run on GPUs"
+        )
+    return backend
+
+
+def set_threads(world_on_node: int) -> None:
     """Without OMP_NUM_THREADS, give each local process an equal share of the cores."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_on_node)))
@@ -233,7 +272,7 @@ def init_runtime(
     """
     G, S = topology.groups, topology.shards
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    _set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if world != G * S:
         raise TopologyError(
             f"world size {world} != topology.groups × topology.shards = {G} × {S}; "
@@ -243,14 +282,7 @@ def init_runtime(
     precision = resolve_mixed_precision(topology.mixed_precision, dev)
     if world == 1:
         return Runtime(device=dev, precision=precision)
-    backend = topology.backend
-    if backend == "auto":
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-    if backend == "nccl" and dev.type != "cuda":
-        raise TopologyError(
-            f"topology.backend=nccl needs CUDA but run.device is {dev.type}; "
-            "use topology.backend=gloo or run on GPUs"
-        )
+    backend = resolve_backend(topology.backend, dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     rank = int(os.environ["RANK"])

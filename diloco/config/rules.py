@@ -77,6 +77,10 @@ _BOUNDS: dict[str, _Bound] = {
     "topology.groups": _at_least(1),
     "topology.shards": _at_least(1),
     "topology.timeout_s": _at_least(1),
+    "topology.min_groups": _at_least(1),
+    "topology.heartbeat_timeout_s": _POSITIVE,
+    "topology.join_timeout_s": _at_least(0),
+    "topology.quorum_timeout_s": _POSITIVE,
 }
 
 #: Outer-loop features that need an outer step, with their "off" values.
@@ -181,6 +185,7 @@ def validate(cfg: Config) -> None:
                 f"use outer.method=nesterov, sgd or ema_nesterov, or outer.{key}={off!r}",
             )
     _validate_engine(inner, outer)
+    _validate_elastic(cfg)
 
 
 #: DeepSpeed config keys diloco sets itself, with the settings they come from.
@@ -239,3 +244,64 @@ def _validate_engine(inner: InnerConfig, outer: OuterConfig) -> None:
             f"inner.deepspeed.{dotted} is set by diloco (from {source}); remove it from "
             "inner.deepspeed",
         )
+
+
+def _validate_elastic(cfg: Config) -> None:
+    """Rules of the elastic worker groups (``topology.elastic`` and its keys)."""
+    topology, outer = cfg.topology, cfg.outer
+    if not topology.elastic:
+        for key, unset in (("group_id", -1), ("coordinator", "")):
+            value = getattr(topology, key)
+            _check(
+                value == unset,
+                f"topology.{key}={value!r} is set but topology.elastic is false; set "
+                f"topology.elastic=true or remove topology.{key}",
+            )
+        return
+    G = topology.groups
+    _check(
+        topology.group_id != -1,
+        f"topology.elastic=true needs topology.group_id, this group's id in 0..{G - 1} "
+        "(diloco launch local --elastic sets it; on a cluster pass --set topology.group_id=g)",
+    )
+    _check(
+        0 <= topology.group_id < G,
+        f"topology.group_id={topology.group_id} must be in 0..{G - 1} with topology.elastic=true "
+        f"and topology.groups={G}: give each group its own id (diloco launch local --elastic "
+        "sets it)",
+    )
+    host, sep, port = topology.coordinator.rpartition(":")
+    _check(
+        bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65535),
+        f"topology.coordinator={topology.coordinator!r} must be HOST:PORT of the coordinator "
+        "(e.g. 10.0.0.1:29510, started with 'diloco coordinator --bind HOST:PORT'; "
+        "diloco launch local --elastic sets it)",
+    )
+    _check(
+        topology.min_groups <= G,
+        f"topology.min_groups ({topology.min_groups}) must be <= topology.groups ({G})",
+    )
+    _check(
+        topology.quorum_timeout_s > topology.heartbeat_timeout_s,
+        f"topology.quorum_timeout_s ({topology.quorum_timeout_s:g}) must be > "
+        f"topology.heartbeat_timeout_s ({topology.heartbeat_timeout_s:g}): a round must be able "
+        "to wait until a dead group is dropped",
+    )
+    for key, off in _STREAMING_DEFAULTS.items():
+        _check(
+            key == "compress" or getattr(outer, key) == off,
+            f"outer.{key}={getattr(outer, key)!r} (streaming) is not supported with "
+            f"topology.elastic=true: fragments are averaged at staggered steps, overlapped with "
+            f"inner steps, so a group joining mid-round would need part of the model healed "
+            f"mid-flight (docs/elastic.md); use outer.{key}={off!r}",
+        )
+    _check(
+        cfg.inner.engine != "deepspeed",
+        "inner.engine=deepspeed is not supported with topology.elastic=true yet (healing sends "
+        "FSDP2 shards; ZeRO partitions are not wired in); use inner.engine=fsdp2",
+    )
+    _check(
+        outer.method != "none",
+        "outer.method=none with topology.elastic=true: without an outer step the groups never "
+        "meet; use outer.method=nesterov, sgd or ema_nesterov",
+    )

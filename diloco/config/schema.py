@@ -231,7 +231,20 @@ class TopologyConfig:
     mixed_precision: str = _field(
         "auto", "Compute precision; auto = bf16 on CUDA, fp32 on CPU.", ("auto", "fp32", "bf16")
     )
-    timeout_s: int = _field(300, "Process-group timeout in seconds.")
+    timeout_s: int = _field(300, "Process-group timeout in seconds (elastic: also the exchange's).")
+    elastic: bool = _field(False, "Groups that may die, stall or join mid-run (docs/elastic.md).")
+    group_id: int = _field(-1, "elastic: this process's worker group, 0..groups-1 (-1: not set).")
+    coordinator: str = _field("", "elastic: HOST:PORT of the coordinator (diloco coordinator).")
+    min_groups: int = _field(1, "elastic: fewest groups a round may run with.")
+    heartbeat_timeout_s: float = _field(
+        10.0, "elastic: a group silent this long (dead, stopped, hung) is dropped from rounds."
+    )
+    join_timeout_s: float = _field(
+        60.0, "elastic: how long a round (and a fresh start) waits for a late live group."
+    )
+    quorum_timeout_s: float = _field(
+        600.0, "elastic: how long a round waits for min_groups or the coordinator, then stops."
+    )
 
 
 @dataclass
@@ -264,6 +277,11 @@ FINGERPRINT_IGNORE: tuple[str, ...] = (
     "train.checkpoint_every",
     "train.keep_last",
     "topology.timeout_s",
+    "topology.group_id",
+    "topology.coordinator",
+    "topology.heartbeat_timeout_s",
+    "topology.join_timeout_s",
+    "topology.quorum_timeout_s",
 )
 
 

@@ -42,11 +42,13 @@ from torch import Tensor, nn
 from diloco.algorithm.fragments import streaming_options
 from diloco.algorithm.streaming import StreamingDiLoCo
 from diloco.algorithm.wrapper import DiLoCo, SyncReport
+from diloco.comm.elastic.quorum import RunFinished
 from diloco.comm.topology import Runtime, init_runtime
-from diloco.config import Config, dump_config
-from diloco.errors import ConfigError, TopologyError, warn
+from diloco.config import Config, config_fingerprint, dump_config
+from diloco.errors import ConfigError, TopologyError, note, warn
 from diloco.job import events
 from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
+from diloco.job.elastic import GroupState, elastic_summary, group_config
 from diloco.job.inner import build_inner_optimizer, build_scheduler
 from diloco.job.metrics import MetricsLogger, peak_rss_mb
 from diloco.job.progress import ProgressBar
@@ -217,7 +219,8 @@ def _maybe_checkpoint(
     """At a checkpoint step (after its log line), save; the next record gets ``checkpoint_s``."""
     if ckpt.due(step):
         loop = {"val_loss": val_loss, "round_fields": dict(pending)}
-        pending["checkpoint_s"] = ckpt.save(step, loop)
+        with ckpt.runtime.busy():
+            pending["checkpoint_s"] = ckpt.save(step, loop)
         if on_checkpoint is not None:
             on_checkpoint(ckpt.root / f"step_{step}")
 
@@ -258,7 +261,15 @@ def train(
     """
     faults.install_from_env()
     o = cfg.outer
-    runtime = init_runtime(cfg.topology, cfg.run.device, o.compress, o.compress_block)
+    if cfg.topology.elastic:
+        from diloco.comm.elastic.runtime import init_elastic_runtime
+
+        cfg = group_config(cfg)  # this group's own run directory
+        runtime = init_elastic_runtime(
+            cfg.topology, cfg.run.device, o.compress, o.compress_block, config_fingerprint(cfg)
+        )
+    else:
+        runtime = init_runtime(cfg.topology, cfg.run.device, o.compress, o.compress_block)
     if o.compress != "none" and runtime.groups == 1:
         msg = f"outer.compress={o.compress} does nothing with one group (nothing is exchanged)"
         warn(msg, runtime.is_main)
@@ -266,6 +277,9 @@ def train(
         summary = _train(cfg, runtime, resume, force, on_log, on_checkpoint)
         runtime.barrier()  # no rank tears its process group down while another still talks
         return summary
+    except RunFinished as e:  # an elastic group that came back after the last round
+        note(str(e), runtime.is_main)
+        return {"finished_elsewhere": str(e)}
     finally:
         runtime.close()
 
@@ -325,12 +339,18 @@ def _train(
     )
     val = eval_batches(corpus.val, cfg.data.batch_size, seq_len, cfg.train.eval_batches)
     torch.manual_seed(cfg.run.seed + 1000 * runtime.group + runtime.shard)  # dropout streams
-    ckpt = make_checkpointer(cfg, runtime, model, dl, scheduler, stream)
+    # An elastic group checkpoints on its own, into its own directory, as its "group 0".
+    view = dataclasses.replace(runtime, group=0) if runtime.elastic else runtime
+    ckpt = make_checkpointer(cfg, view, model, dl, scheduler, stream)
     resumed = ckpt.load(resume_from) if resume_from is not None else None
     first_step = resumed["step"] + 1 if resumed else 1
     if runtime.is_main:  # only now: a refused or failed resume leaves the run directory as it was
         dump_config(cfg, out_dir / "config.yaml")
-    check = runtime.groups > 1
+    if runtime.elastic:  # join the job: heal from and to the other groups at round boundaries
+        group_state = GroupState(dl, scheduler, restored=resumed is not None)
+        runtime.reducer.attach(group_state)
+        runtime.membership.start(dl.outer_steps, group_state.trained())
+    check = runtime.groups > 1 and not runtime.elastic  # elastic: every round compares θ
     checked_round = dl.outer_steps  # 0, or the round a resumed run restarts from
     start_check = _check_groups_agree(dl, runtime, checked_round) if check else {}
 
@@ -353,7 +373,11 @@ def _train(
         val_loss = resumed["loop"]["val_loss"]
         round_fields = resumed["loop"]["round_fields"]
     model.train()
-    for step in range(first_step, steps + 1):
+    elastic_rounds: list[dict[str, Any]] = []
+    step = first_step - 1
+    while step < steps:
+        step += 1
+        runtime.alive()
         t0 = time.perf_counter()
         x, y = shard_batch(*stream.next(), runtime.shard, runtime.shards)
         loss = _forward_backward(runtime, model, dl, x, y, deepspeed)
@@ -365,6 +389,15 @@ def _train(
         if report is None and step == steps:
             report = dl.sync()  # the final θ includes every inner step
         t2 = time.perf_counter()
+        elastic_event = False
+        if report is not None and runtime.elastic:
+            elastic_rounds.append(report.reducer)
+            elastic_event = bool(
+                report.reducer.get("healed_groups")
+                or report.reducer.get("exchanges_redone")
+                or report.reducer["participants"] < runtime.groups
+            )
+            step = dl.inner_steps  # a healed group continues at the others' step
         dl.zero_grad()
         scheduler.step()
         outer_s = 0.0
@@ -388,7 +421,7 @@ def _train(
         window_tokens += tokens_per_step
 
         eval_now = step == steps or (tc.eval_every and step % tc.eval_every == 0)
-        if not (eval_now or step % tc.log_every == 0):
+        if not (eval_now or step % tc.log_every == 0 or elastic_event):
             _maybe_checkpoint(ckpt, step, val_loss, round_fields, on_checkpoint)
             continue
         now = time.perf_counter()
@@ -405,7 +438,7 @@ def _train(
         record.update(round_fields)
         round_fields = {}
         if eval_now:
-            with dl.slow_weights():
+            with dl.slow_weights(), runtime.busy():
                 val_loss = evaluate(model, val, runtime)
             record["val_loss"] = val_loss
         logger.log(record)
@@ -416,6 +449,8 @@ def _train(
         _maybe_checkpoint(ckpt, step, val_loss, round_fields, on_checkpoint)
     bar.close()
     logger.close()
+    if runtime.elastic:  # groups that come back later find the run finished
+        runtime.membership.finish(dl.outer_steps)
     _save_final_model(model, dl, runtime, out_dir / "final_model.pt")
     wall = time.perf_counter() - start
     summary = {
@@ -431,6 +466,8 @@ def _train(
         **timers.summary(),
         **ckpt.summary(),
     }
+    if runtime.elastic:
+        summary.update(elastic_summary(elastic_rounds, runtime, dl))
     if runtime.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,4 +1,4 @@
-"""Starting ``diloco`` processes on this machine (benchmarks, ``diloco bench optim``, tests).
+"""Starting ``diloco`` processes on this machine (``diloco launch local``, benchmarks, tests).
 
 One place for what every local launch needs: a free loopback port for the rendezvous, the
 child environment (one torch thread per process as NOTES.md advises, a private rendezvous
