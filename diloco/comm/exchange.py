@@ -43,6 +43,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -68,7 +69,9 @@ class Link:
     ``pg``: the process group whose rank i is worker group i (this shard index in each);
     ``size``: its n members; ``rank``: this group's rank; ``contributors``: m, how many send a
     real Δ (the divisor); ``contributes``: whether this rank does; ``world_sum``: sums a float64
-    vector in place over every rank of every member (each shard of each group).
+    vector in place over every rank of every member (each shard of each group);
+    ``arrive_timeout_s``: how long a blocking run waits for every member to arrive (None: the
+    process group's timeout) — a member that is not coming fails the run instead of hanging it.
     """
 
     pg: Any
@@ -77,6 +80,7 @@ class Link:
     contributors: int
     contributes: bool
     world_sum: Callable[[Tensor], None]
+    arrive_timeout_s: float | None = None
 
 
 @dataclass
@@ -160,7 +164,11 @@ class BucketExchange:
         """
         t0 = time.perf_counter()
         probe = torch.zeros(1, device=self.device)
-        dist.all_reduce(probe, group=link.pg)
+        work = dist.all_reduce(probe, group=link.pg, async_op=True)
+        if link.arrive_timeout_s is None:
+            work.wait()
+        elif not work.wait(timedelta(seconds=link.arrive_timeout_s)):
+            raise RuntimeError(f"a member did not arrive within {link.arrive_timeout_s:g} s")
         wait_s = time.perf_counter() - t0
         ex = self.start(tensors, ids, link, window=self.window)
         stats, commit = ex.finish(checksum)

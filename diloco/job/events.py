@@ -13,6 +13,9 @@ Events, in the order a run emits them:
 ``"before_checkpoint_rename"`` (``step``)
     Rank 0, once checkpoint ``step_<step>.tmp/`` is complete (meta.json written) and before it
     is renamed to ``step_<step>/``.
+``"exchange"`` (``group``, ``round``, ``shard``)
+    Every rank of an elastic group, inside the exchange of round ``round`` (this round's quorum
+    formed and its process group built, its collectives not yet issued).
 ``"ray_checkpoint_reported"`` (``round``, ``rank``, ``world``, ``attempt``)
     Every rank under ``diloco launch ray``, after the checkpoint that ends round ``round`` has
     been reported to Ray (``attempt``: 0 on the first attempt).

@@ -396,6 +396,7 @@ def _train(
                 report.reducer.get("healed_groups")
                 or report.reducer.get("exchanges_redone")
                 or report.reducer["participants"] < runtime.groups
+                or report.reducer["coordinator_kept"]
             )
             step = dl.inner_steps  # a healed group continues at the others' step
         dl.zero_grad()

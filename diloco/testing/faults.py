@@ -22,6 +22,16 @@
     first attempt only (the launcher counts attempts in the run directory), so Ray's
     ``FailureConfig(max_failures)`` restarts the job.
 
+``DILOCO_TEST_STEP_DELAY_S=x``
+    Sleep x seconds after every backward pass: a long run in wall time that leaves the CPU to
+    the other processes (the elastic fault tests kill, stop and restart groups mid-run).
+``DILOCO_TEST_PAUSE_IN_EXCHANGE=g:r``
+    Elastic runs: group g stops inside the exchange of round r (after the quorum, before the
+    collectives, every member of the round waiting for it) and sleeps until killed; it first
+    creates ``$DILOCO_TEST_MARKER_DIR/pause-g<g>-r<r>``, which the test waits for before sending
+    SIGKILL from outside. Once the marker exists the pause is not repeated (a restarted group
+    passes).
+
 The variables are read when an event happens, so a test may set or clear them between runs.
 """
 
@@ -29,6 +39,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,14 +52,28 @@ KILL_AT_STEP = "DILOCO_TEST_KILL_AT_STEP"
 KILL_RANK = "DILOCO_TEST_KILL_RANK"
 CRASH_BEFORE_RENAME = "DILOCO_TEST_CRASH_BEFORE_RENAME"
 RAY_EXIT_AFTER_ROUND = "DILOCO_TEST_RAY_EXIT_AFTER_ROUND"
-VARIABLES = (NAN_AT_STEP, KILL_AT_STEP, KILL_RANK, CRASH_BEFORE_RENAME, RAY_EXIT_AFTER_ROUND)
+STEP_DELAY_S = "DILOCO_TEST_STEP_DELAY_S"
+PAUSE_IN_EXCHANGE = "DILOCO_TEST_PAUSE_IN_EXCHANGE"
+MARKER_DIR = "DILOCO_TEST_MARKER_DIR"
+VARIABLES = (
+    NAN_AT_STEP,
+    KILL_AT_STEP,
+    KILL_RANK,
+    CRASH_BEFORE_RENAME,
+    RAY_EXIT_AFTER_ROUND,
+    STEP_DELAY_S,
+    PAUSE_IN_EXCHANGE,
+)
 
 __all__ = [
     "CRASH_BEFORE_RENAME",
     "KILL_AT_STEP",
     "KILL_RANK",
+    "MARKER_DIR",
     "NAN_AT_STEP",
+    "PAUSE_IN_EXCHANGE",
     "RAY_EXIT_AFTER_ROUND",
+    "STEP_DELAY_S",
     "install_from_env",
     "observe",
 ]
@@ -67,6 +93,8 @@ def observe(name: str, **info: Any) -> None:
         _before_rename(**info)
     elif name == "ray_checkpoint_reported":
         _after_ray_checkpoint(**info)
+    elif name == "exchange":
+        _in_exchange(**info)
 
 
 def _steps(name: str) -> set[int]:
@@ -76,6 +104,8 @@ def _steps(name: str) -> set[int]:
 
 def _after_backward(step: int, dl: Any, rank: int, world: int) -> None:
     """Inject the NaN and kill faults of inner ``step`` (``dl``: the DiLoCo wrapper)."""
+    if os.environ.get(STEP_DELAY_S):
+        time.sleep(float(os.environ[STEP_DELAY_S]))
     if not (os.environ.get(NAN_AT_STEP) or os.environ.get(KILL_AT_STEP)):
         return
     if step in _steps(NAN_AT_STEP):
@@ -98,3 +128,17 @@ def _after_ray_checkpoint(round: int, rank: int, world: int, attempt: int) -> No
     victim = int(os.environ.get(KILL_RANK, world - 1))
     if round in _steps(RAY_EXIT_AFTER_ROUND) and attempt == 0 and rank == victim:
         os._exit(1)
+
+
+def _in_exchange(group: int, round: int, shard: int) -> None:
+    """Stop group ``group`` inside the exchange of ``round`` until it is killed (once)."""
+    target = os.environ.get(PAUSE_IN_EXCHANGE, "")
+    if target != f"{group}:{round}":
+        return
+    marker = Path(os.environ[MARKER_DIR]) / f"pause-g{group}-r{round}"
+    if marker.exists():
+        return
+    if shard == 0:
+        marker.touch()
+    while True:
+        time.sleep(1.0)

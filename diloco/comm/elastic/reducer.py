@@ -21,6 +21,7 @@ group agree on success (:meth:`Membership.agree`) before anything is committed.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 
@@ -34,6 +35,7 @@ from diloco.comm.elastic.membership import Membership
 from diloco.comm.elastic.quorum import Quorum
 from diloco.comm.exchange import BucketExchange, Link
 from diloco.errors import TopologyError, note
+from diloco.job import events
 
 __all__ = ["ElasticReducer"]
 
@@ -110,6 +112,12 @@ class ElasticReducer:
                         healed_at = time.time()
                         self.exchange.forget_residuals()
                 with self.membership.busy():
+                    events.emit(
+                        "exchange",
+                        group=self.membership.group,
+                        round=self.state.rounds() + 1,
+                        shard=self.membership.shard,
+                    )
                     stats, commit = self.exchange.run(
                         tensors, ids, self._link(q, contributes), self.state.checksum_tensors()
                     )
@@ -165,6 +173,9 @@ class ElasticReducer:
             contributors=len(q.current),
             contributes=contributes and q.index in q.current,
             world_sum=world_sum,
+            # Kept while the coordinator is away: a member that got a new quorum instead is not
+            # coming; give up on it within a heartbeat timeout and ask the coordinator again.
+            arrive_timeout_s=self.membership.settings.heartbeat_timeout_s if q.kept else None,
         )
 
     def _heal(self, q: Quorum) -> tuple[int, int, bool]:
@@ -192,5 +203,6 @@ class ElasticReducer:
 
 
 def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    """One line of an exception: its type and message, without gloo's source locations."""
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", " ".join(str(e).split()))
     return f"{type(e).__name__}: {text[:120]}"
