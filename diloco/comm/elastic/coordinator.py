@@ -27,7 +27,14 @@ from datetime import timedelta
 
 from diloco.errors import TopologyError
 
-__all__ = ["CoordinatorSettings", "Coordinator", "parse_address", "store_port", "run_coordinator"]
+__all__ = [
+    "CoordinatorSettings",
+    "Coordinator",
+    "parse_address",
+    "require_torchft",
+    "run_coordinator",
+    "store_port",
+]
 
 #: Keys the coordinator's store holds besides the process groups' rendezvous prefixes.
 SETTINGS_KEY = "diloco/settings"
@@ -54,6 +61,17 @@ class CoordinatorSettings:
         )
 
 
+def require_torchft() -> None:
+    """Raise TopologyError (one line) unless torchft, which elastic groups are built on, imports."""
+    try:
+        import torchft.coordination  # noqa: F401
+    except ImportError as e:
+        raise TopologyError(
+            f"elastic worker groups need torchft ({e}); install it with "
+            "pip install -e '.[elastic]' (or pip install 'torchft>=0.2,<0.3')"
+        ) from None
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) → (host, port); raises TopologyError if malformed."""
     host, sep, port = address.rpartition(":")
@@ -78,6 +96,7 @@ class Coordinator:
     """
 
     def __init__(self, host: str, port: int, settings: CoordinatorSettings):
+        require_torchft()
         from torch.distributed import TCPStore
         from torchft.coordination import LighthouseServer
 

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from diloco.comm.elastic.coordinator import CoordinatorSettings
+from diloco.comm.elastic.coordinator import CoordinatorSettings, require_torchft
 from diloco.comm.elastic.membership import Membership
 from diloco.comm.elastic.reducer import ElasticReducer
 from diloco.comm.topology import (
@@ -48,6 +48,7 @@ def init_elastic_runtime(
     Raises:
         TopologyError: the world is not one group of S ranks, or NCCL without CUDA.
     """
+    require_torchft()
     S = topology.shards
     world = int(os.environ.get("WORLD_SIZE", "1"))
     set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
