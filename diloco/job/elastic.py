@@ -68,7 +68,9 @@ class GroupState:
 def elastic_summary(rounds: list[dict[str, Any]], runtime: Any, dl: DiLoCo) -> dict[str, Any]:
     """summary.json's elastic part, from this group's per-round reducer statistics.
 
-    ``rounds_below_groups``: rounds averaged over fewer than G groups; ``heals``: the rounds in
+    ``group_rounds``: Σ over this group's rounds of the groups whose Δ was averaged (× K: the
+    inner steps that reached θ); ``rounds_below_groups``: rounds averaged over fewer than G
+    groups; ``heals``: the rounds in
     which groups were healed (who, bytes moved by this group); ``healed_self``: when this group
     was healed; ``pids``: the process ids of the group's ranks; ``theta_sum``/``theta_sumsq``:
     the final θ's checksum (every group's must be equal).
@@ -94,6 +96,7 @@ def elastic_summary(rounds: list[dict[str, Any]], runtime: Any, dl: DiLoCo) -> d
         "group": runtime.group,
         "pids": pids,
         "rounds": len(rounds),
+        "group_rounds": sum(r["participants"] for r in rounds),
         "rounds_below_groups": sum(1 for r in rounds if r["participants"] < runtime.groups),
         "exchanges_redone": sum(r["exchanges_redone"] for r in rounds),
         "quorum_wait_s": sum(r["quorum_wait_s"] for r in rounds),
