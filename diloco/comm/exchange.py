@@ -59,7 +59,15 @@ from diloco.comm.compress import (
     make_codec,
 )
 
-__all__ = ["BucketExchange", "Exchange", "Link"]
+__all__ = ["BucketExchange", "Exchange", "Link", "wait_for"]
+
+
+def wait_for(work: Any, timeout_s: float | None = None) -> None:
+    """Wait for a collective; with ``timeout_s``, raise RuntimeError if it is not done by then."""
+    if timeout_s is None:
+        work.wait()
+    elif not work.wait(timedelta(seconds=timeout_s)):
+        raise RuntimeError(f"a member did not arrive within {timeout_s:g} s")
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,9 @@ class Link:
     real Δ (the divisor); ``contributes``: whether this rank does; ``world_sum``: sums a float64
     vector in place over every rank of every member (each shard of each group);
     ``arrive_timeout_s``: how long a blocking run waits for every member to arrive (None: the
-    process group's timeout) — a member that is not coming fails the run instead of hanging it.
+    process group's timeout) — a member that is not coming fails the run instead of hanging it;
+    ``wait``: how each collective is waited for, ``wait(work, timeout_s)`` (default: ``work.wait``;
+    the elastic reducer's also gives up on a member that stops heartbeating).
     """
 
     pg: Any
@@ -81,6 +91,7 @@ class Link:
     contributes: bool
     world_sum: Callable[[Tensor], None]
     arrive_timeout_s: float | None = None
+    wait: Callable[[Any, float | None], None] = wait_for
 
 
 @dataclass
@@ -164,11 +175,7 @@ class BucketExchange:
         """
         t0 = time.perf_counter()
         probe = torch.zeros(1, device=self.device)
-        work = dist.all_reduce(probe, group=link.pg, async_op=True)
-        if link.arrive_timeout_s is None:
-            work.wait()
-        elif not work.wait(timedelta(seconds=link.arrive_timeout_s)):
-            raise RuntimeError(f"a member did not arrive within {link.arrive_timeout_s:g} s")
+        link.wait(dist.all_reduce(probe, group=link.pg, async_op=True), link.arrive_timeout_s)
         wait_s = time.perf_counter() - t0
         ex = self.start(tensors, ids, link, window=self.window)
         stats, commit = ex.finish(checksum)
@@ -253,7 +260,7 @@ class Exchange:
         x, link = self.x, self.link
         n, m = link.size, link.contributors
         codec = x.codec
-        b.work.wait()
+        link.wait(b.work, None)
         if codec is None:
             mean = b.flat
             if m != n:
@@ -267,7 +274,9 @@ class Exchange:
             if hi > lo:  # e_j[chunk j] += m·(a_j − t_j)
                 b.error[lo:hi] += m * owner_error[: hi - lo]
             gathered = torch.empty((n, payload.shape[1]), dtype=torch.uint8, device=x.device)
-            dist.all_gather_into_tensor(gathered, payload, group=link.pg)
+            link.wait(
+                dist.all_gather_into_tensor(gathered, payload, group=link.pg, async_op=True), None
+            )
             mean = exchange_decode(gathered, b.numel, codec)
             self.err_sq += torch.dot(b.error, b.error).double()
         self.mean_sq += torch.dot(mean, mean).double()

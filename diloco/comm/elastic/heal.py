@@ -67,7 +67,11 @@ def _staged(t: Tensor, device: torch.device) -> Tensor:
 
 
 def send_state(pg: dist.ProcessGroup, dst: int, state: HealState, device: torch.device) -> int:
-    """Send this rank's shared state to rank ``dst`` of ``pg``; returns the bytes sent."""
+    """Send this rank's shared state to rank ``dst`` of ``pg``; returns the bytes sent.
+
+    Each message is waited for with ``work.wait()``: gloo moves point-to-point data inside
+    ``wait`` (its work is not completed by polling), so healing is not watched for a silent
+    peer; a dead one fails at once, a stopped one after the process group's timeout."""
     tensors = state.heal_tensors()
     meta = dict(state.heal_meta(), tensors=_describe(tensors))
     blob = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)

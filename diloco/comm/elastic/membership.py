@@ -30,12 +30,11 @@ the coordinator until ``topology.quorum_timeout_s`` and then stops with one line
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -50,6 +49,7 @@ from diloco.comm.elastic.coordinator import (
     parse_address,
     store_port,
 )
+from diloco.comm.elastic.liveness import BeatWatch, Heartbeat, wait_watching
 from diloco.comm.elastic.quorum import Member, Quorum, RunFinished, admit
 from diloco.errors import TopologyError, note
 
@@ -58,12 +58,10 @@ __all__ = ["Membership"]
 
 @dataclass
 class _Leader:
-    """What only the group leader holds: its coordinator clients and the heartbeat thread."""
+    """What only the group leader holds: its replica id and its coordinator client."""
 
     replica_id: str
     quorum_client: Any = None
-    beat_thread: threading.Thread | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
 
 
 class Membership:
@@ -107,56 +105,29 @@ class Membership:
         self.quorum_timeout_s = quorum_timeout_s
         self.started = time.time()
         self.failures = 0  # failed exchanges so far: part of the next epoch's key
+        #: Where this group's θ comes from: "start" (initialised from the seed), "restored-r<R>"
+        #: (a checkpoint of round R), else the epoch of the exchange that made it (a healed
+        #: group takes its donor's). Members at one round with different lineages vote.
+        self.lineage = "start"
         self.last_quorum: Quorum | None = None  # the membership the process group was built for
         self._pg = None  # torchft's reconfigurable process group (built lazily)
         self._epoch: str | None = None
-        self._last_progress = time.monotonic()
-        self._busy = 0
         self._said_kept = False
         self._leader: _Leader | None = None
         if shard == 0:
             self._leader = _Leader(replica_id=f"g{group:05d}:{uuid.uuid4().hex[:12]}")
+        replica_id = self._leader.replica_id if self._leader is not None else None
+        self.heartbeat = Heartbeat(self._url(), lambda: self._store(timeout_s=10.0), replica_id,
+                                   settings.heartbeat_timeout_s)  # fmt: skip
 
     # ------------------------------------------------------------------ liveness
     def progress(self) -> None:
         """The training loop is alive (call once per inner step)."""
-        self._last_progress = time.monotonic()
+        self.heartbeat.progress()
 
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
+    def busy(self) -> contextlib.AbstractContextManager:
         """A long phase that is not a hang (quorum, exchange, healing, evaluation, checkpoint)."""
-        self._busy += 1
-        try:
-            yield
-        finally:
-            self._busy -= 1
-            self.progress()
-
-    def _alive(self) -> bool:
-        stalled = time.monotonic() - self._last_progress
-        return self._busy > 0 or stalled < 3 * self.settings.heartbeat_timeout_s
-
-    def _beat(self) -> None:
-        """The heartbeat thread: one beat every heartbeat_timeout_s / 10 while the loop lives."""
-        leader = self._leader
-        interval = max(0.05, self.settings.heartbeat_timeout_s / 10)
-        client = None
-        while not leader.stop.is_set():
-            if self._alive():  # a hung loop stops beating: the others drop this group
-                client = self._heartbeat(client)
-            leader.stop.wait(interval)
-
-    def _heartbeat(self, client: Any = None) -> Any:
-        """One heartbeat; returns the client to reuse (None if the coordinator is away)."""
-        from torchft.coordination import LighthouseClient
-
-        try:
-            if client is None:
-                client = LighthouseClient(self._url(), connect_timeout=timedelta(seconds=2))
-            client.heartbeat(self._leader.replica_id, timeout=timedelta(seconds=2))
-            return client
-        except Exception:  # coordinator away: reconnect on the next beat
-            return None
+        return self.heartbeat.busy()
 
     def _url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -166,22 +137,21 @@ class Membership:
     def start(self, round: int, trained: bool) -> None:
         """Join the job (a collective of the group): check the coordinator's settings, wait for
         the other groups at a fresh start, and start heartbeating."""
+        if trained:
+            self.lineage = f"restored-r{round}"
         error = None
         if self._leader is not None:
             try:
                 self._check_settings()
                 # Beat once before the start barrier: when every group has passed it, every
                 # group is known alive, so the first quorum waits for all of them.
-                self._heartbeat()
+                self.heartbeat.beat()
                 if round == 0 and not trained:
                     self._start_barrier()
             except TopologyError as e:
                 error = str(e)
             else:
-                self._leader.beat_thread = threading.Thread(
-                    target=self._beat, name="diloco-heartbeat", daemon=True
-                )
-                self._leader.beat_thread.start()
+                self.heartbeat.start()
         error = self._share(error)
         if error:
             raise TopologyError(error)
@@ -285,6 +255,7 @@ class Membership:
             "started": self.started,
             "fingerprint": self.fingerprint,
             "failures": self.failures,
+            "lineage": self.lineage,
         }
         while True:
             try:
@@ -341,8 +312,7 @@ class Membership:
             )
             self._said_kept = True
         members = tuple(
-            Member(m.group, round, m.trained or round > 0, m.replica_id, m.started, m.fingerprint)
-            for m in q.members
+            dataclasses.replace(m, round=round, trained=m.trained or round > 0) for m in q.members
         )
         return Quorum(
             q.quorum_id, q.epoch, members, q.index, kept=True, waited_s=waited_s
@@ -363,6 +333,7 @@ class Membership:
                     replica_id=p.replica_id,
                     started=float(d["started"]),
                     fingerprint=str(d.get("fingerprint", "")),
+                    lineage=str(d.get("lineage", "start")),
                 )
             )
         members, rejected = admit(members)
@@ -389,7 +360,7 @@ class Membership:
 
     def _finished_round(self) -> int | None:
         try:
-            store = self._store(timeout_s=2.0)
+            store = self._store(timeout_s=5.0)
             if store.check([FINISHED_KEY]):
                 return int(store.get(FINISHED_KEY))
         except Exception:
@@ -423,6 +394,15 @@ class Membership:
                 self._pg.abort(errored=False)
         self._epoch = None
 
+    def wait(self, work: Any, timeout_s: float | None = None) -> None:
+        """Wait for a collective on the cross-group process group, giving up on a member that
+        stops heartbeating meanwhile (:func:`~.liveness.wait_watching`)."""
+        q = self.last_quorum
+        others = {m.replica_id: m.group for i, m in enumerate(q.members) if i != q.index}
+        watch = BeatWatch(lambda: self._store(timeout_s=10.0), others,
+                          self.settings.heartbeat_timeout_s)  # fmt: skip
+        wait_watching(work, watch, timeout_s)
+
     def agree(self, ok: bool) -> bool:
         """Did every shard rank of this group succeed (a MIN over the group's own ranks)?"""
         if self.shards == 1:
@@ -440,10 +420,7 @@ class Membership:
             self._store(timeout_s=5.0).set(FINISHED_KEY, str(round))
 
     def close(self) -> None:
-        if self._leader is not None:
-            self._leader.stop.set()
-            if self._leader.beat_thread is not None:
-                self._leader.beat_thread.join(timeout=5)
+        self.heartbeat.stop()
         if self._pg is not None:
             with contextlib.suppress(Exception):
                 self._pg.abort(errored=False)

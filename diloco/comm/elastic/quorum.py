@@ -5,9 +5,11 @@ at a round boundary, ranked by group id: a member's index is its rank in that ro
 cross-group process group. Every member computes the same :class:`Quorum` from the same answer,
 so roles need no further messages:
 
-* **current** members are at the highest round; they contribute their Δ and can donate state;
-* members **behind** it (a restarted group, or one woken from a stall) heal from a current one
-  (joiner k from current member k mod |current|) and contribute zeros this round;
+* **current** members are at the highest round (and, should two θ exist for that round, of the
+  lineage most of them hold); they contribute their Δ and can donate state;
+* the others are **behind** (a restarted group, one woken from a stall, or one whose θ lost the
+  lineage vote): they heal from a current one (joiner k from current member k mod |current|)
+  and contribute zeros this round;
 * a member that has never trained is at round 0, so it is current only when every member is:
   a fresh group never overwrites trained ones;
 * refused (:func:`admit`): a second process claiming a group id (the one started later), and
@@ -36,6 +38,7 @@ class Member:
     replica_id: str
     started: float  # wall time the group's process started (duplicate ids: the newer one yields)
     fingerprint: str = ""  # the group's config fingerprint (all must match)
+    lineage: str = "start"  # where its θ comes from: the epoch of the exchange that made it
 
 
 @dataclass(frozen=True)
@@ -65,15 +68,26 @@ class Quorum:
 
     @property
     def current(self) -> list[int]:
-        """Indices of the members at the highest round (the donors and the contributors)."""
+        """Indices of the members holding the newest θ (the donors and the contributors): at the
+        highest round, and of the lineage most of those hold (a tie: the lowest group id's).
+
+        Two lineages at one round happen when an exchange completed on some members while the
+        others, taking a member for dead, redid the round without it; one θ must win.
+        """
         top = self.max_round
-        return [i for i, m in enumerate(self.members) if m.round == top]
+        at_top = [m for m in self.members if m.round == top]
+        votes: dict[str, int] = {}
+        for m in at_top:
+            votes[m.lineage] = votes.get(m.lineage, 0) + 1
+        first = {lineage: min(m.group for m in at_top if m.lineage == lineage) for lineage in votes}
+        winner = min(votes, key=lambda lineage: (-votes[lineage], first[lineage]))
+        return [i for i, m in enumerate(self.members) if m.round == top and m.lineage == winner]
 
     @property
     def behind(self) -> list[int]:
         """Indices of the members that must heal before this round's exchange."""
-        top = self.max_round
-        return [i for i, m in enumerate(self.members) if m.round < top]
+        current = set(self.current)
+        return [i for i in range(len(self.members)) if i not in current]
 
     def donor_of(self, index: int) -> int:
         """The current member that heals member ``index`` (joiners spread over the donors)."""

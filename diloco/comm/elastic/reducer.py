@@ -125,6 +125,7 @@ class ElasticReducer:
                 ok, failure = False, e
             if self.membership.agree(ok):
                 commit()
+                self.membership.lineage = q.epoch
                 break
             redone += 1
             self.membership.exchange_failed()
@@ -162,7 +163,7 @@ class ElasticReducer:
         pg = self.membership.pg
 
         def world_sum(t: Tensor) -> None:
-            dist.all_reduce(t, group=pg)
+            self.membership.wait(dist.all_reduce(t, group=pg, async_op=True))
             if self.shards > 1:
                 dist.all_reduce(t, group=self.membership.group_pg)
 
@@ -176,18 +177,21 @@ class ElasticReducer:
             # Kept while the coordinator is away: a member that got a new quorum instead is not
             # coming; give up on it within a heartbeat timeout and ask the coordinator again.
             arrive_timeout_s=self.membership.settings.heartbeat_timeout_s if q.kept else None,
+            wait=self.membership.wait,
         )
 
     def _heal(self, q: Quorum) -> tuple[int, int, bool]:
         """Send to or receive from this round's joiners; (bytes sent, received, was healed)."""
         pg, sent, got, healed = self.membership.pg, 0, 0, False
+        dev = self._comm_device()
         with self.membership.busy():
             for j in q.behind:  # the same order on every member: no crossed sends
                 donor = q.donor_of(j)
                 if q.index == donor:
-                    sent += send_state(pg, j, self.state, self._comm_device())
+                    sent += send_state(pg, j, self.state, dev)
                 elif q.index == j:
-                    _, got = recv_state(pg, donor, self.state, self._comm_device())
+                    _, got = recv_state(pg, donor, self.state, dev)
+                    self.membership.lineage = q.members[donor].lineage
                     healed = True
         return sent, got, healed
 
