@@ -76,7 +76,8 @@ def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 240) -> None:
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        proc.terminate()  # the launcher stops the coordinator and every group
+        proc.wait(timeout=30)
         raise
     assert rc == 0, Path(f"{run_dir}.launch.log").read_text()
 

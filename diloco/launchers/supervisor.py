@@ -184,6 +184,7 @@ class Supervisor:
     def run(self) -> int:
         """Start everything, supervise until every group has exited; the exit status."""
         finished: dict[int, int] = {}
+        signal.signal(signal.SIGTERM, _interrupt)  # stopped from outside: stop every group too
         self._start(self.coordinator)
         self._wait_for_coordinator()
         for gp in self.groups:
@@ -301,6 +302,10 @@ class Supervisor:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         tmp.replace(self.run_dir / "elastic.json")
         return report
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _heal_events(metrics: Path) -> list[dict]:

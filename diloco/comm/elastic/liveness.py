@@ -86,17 +86,20 @@ class Heartbeat:
         from torchft.coordination import LighthouseClient
 
         clients = {} if clients is None else clients
+        try:  # the store counter first: a slow lighthouse call must not delay it
+            if "store" not in clients:
+                clients["store"] = self.store()
+            clients["store"].add(beat_key(self.replica_id), 1)
+        except Exception:  # coordinator away: reconnect on the next beat
+            clients.pop("store", None)
         try:
             if "lighthouse" not in clients:
                 clients["lighthouse"] = LighthouseClient(
                     self.url, connect_timeout=timedelta(seconds=2)
                 )
             clients["lighthouse"].heartbeat(self.replica_id, timeout=timedelta(seconds=2))
-            if "store" not in clients:
-                clients["store"] = self.store()
-            clients["store"].add(beat_key(self.replica_id), 1)
-        except Exception:  # coordinator away: reconnect on the next beat
-            clients.clear()
+        except Exception:
+            clients.pop("lighthouse", None)
 
     def stop(self) -> None:
         self._stop.set()

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from diloco.algorithm.reducer import PendingAverage
-from diloco.comm.elastic.heal import HealState, recv_state, send_state
+from diloco.comm.elastic.heal import HealState, heal
 from diloco.comm.elastic.membership import Membership
 from diloco.comm.elastic.quorum import Quorum
 from diloco.comm.exchange import BucketExchange, Link
@@ -181,19 +181,17 @@ class ElasticReducer:
         )
 
     def _heal(self, q: Quorum) -> tuple[int, int, bool]:
-        """Send to or receive from this round's joiners; (bytes sent, received, was healed)."""
-        pg, sent, got, healed = self.membership.pg, 0, 0, False
-        dev = self._comm_device()
+        """This round's healing (every member takes part); (bytes sent, received, was healed)."""
+        pairs = [(q.donor_of(j), j) for j in q.behind]
         with self.membership.busy():
-            for j in q.behind:  # the same order on every member: no crossed sends
-                donor = q.donor_of(j)
-                if q.index == donor:
-                    sent += send_state(pg, j, self.state, dev)
-                elif q.index == j:
-                    _, got = recv_state(pg, donor, self.state, dev)
-                    self.membership.lineage = q.members[donor].lineage
-                    healed = True
-        return sent, got, healed
+            sent, got, meta = heal(
+                self.membership.pg, q.size, q.index, pairs, self.state, self._comm_device(),
+                self.membership.wait,
+            )  # fmt: skip
+        if meta is not None:
+            donor = next(d for d, j in pairs if j == q.index)
+            self.membership.lineage = q.members[donor].lineage
+        return sent, got, meta is not None
 
     def _comm_device(self) -> torch.device:
         return self.device if self.membership.backend == "nccl" else torch.device("cpu")
