@@ -32,6 +32,7 @@ from diloco.config import defaults
 from diloco.config.rules import shown, validate
 from diloco.config.values import as_float, hint_of, override_value, read_yaml, yaml_surprise
 from diloco.errors import ConfigError
+from diloco.files import write_text_atomic
 
 __all__ = [
     "FINGERPRINT_IGNORE",
@@ -326,7 +327,8 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    path.write_text("# Resolved diloco config (defaults + config file + --set overrides).\n" + text)
+    header = "# Resolved diloco config (defaults + config file + --set overrides).\n"
+    write_text_atomic(path, header + text)
 
 
 def config_fingerprint(cfg: Config, ignore: Sequence[str] = FINGERPRINT_IGNORE) -> str:

@@ -1,6 +1,9 @@
 """Run outputs: ``metrics.jsonl`` (one JSON object per log step), ``summary.json``, TensorBoard.
 
-Only the main rank writes; other ranks get a logger whose methods do nothing.
+Only the main rank writes; other ranks get a logger whose methods do nothing. ``metrics.jsonl``
+is appended to, one whole line per record; a run stopped mid-write (a full disk, a kill) can
+leave a torn last line, which :func:`read_metrics` skips. A resumed run rewrites the file
+atomically (:func:`diloco.files.write_text_atomic`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import os
 import resource
 from pathlib import Path
 from typing import Any
+
+from diloco.errors import DilocoError
+from diloco.files import write_text_atomic
 
 __all__ = ["MetricsLogger", "peak_rss_mb", "read_metrics"]
 
@@ -48,16 +54,17 @@ class MetricsLogger:
             return
         self._file.close()
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
+        write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise DilocoError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():
@@ -72,6 +79,27 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a ``metrics.jsonl`` file; a torn last line (a write cut short) is skipped.
+
+    Raises:
+        DilocoError: the file cannot be read, or a line before the last is not a JSON record.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeError) as e:
+        raise DilocoError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the last write was cut short
+                break
+            raise DilocoError(f"{path} is damaged: line {number} is not a JSON record") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise DilocoError(f"{path} is damaged: line {number} is not a metrics record")
+        records.append(record)
+    return records

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from diloco.comm.elastic.quorum import RunFinished
 from diloco.comm.topology import Runtime, init_runtime
 from diloco.config import Config, config_fingerprint, dump_config
 from diloco.errors import ConfigError, TopologyError, note, warn
+from diloco.files import write_text_atomic, writing_atomically
 from diloco.job import events
 from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
 from diloco.job.elastic import GroupState, elastic_summary, group_config
@@ -208,9 +210,10 @@ def _save_final_model(model: nn.Module, dl: DiLoCo, runtime: Runtime, path: Path
         # Written inside the block: unsharded, ``state`` holds views of the parameters, which
         # get the fast weights back on exit (they differ from θ with streaming fragments).
         if runtime.is_main:
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            tmp.replace(path)
+            with writing_atomically(path) as tmp, open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def _maybe_checkpoint(
@@ -470,5 +473,5 @@ def _train(
     if runtime.elastic:
         summary.update(elastic_summary(elastic_rounds, runtime, dl))
     if runtime.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -51,6 +51,7 @@ from typing import Any
 
 from diloco.config import Config, config_to_dict, load_config
 from diloco.errors import ConfigError, DilocoError
+from diloco.files import read_json, write_text_atomic
 from diloco.launchers.ray_plan import (
     RayLaunchError,
     WorkerPlan,
@@ -305,10 +306,10 @@ def _fit(
     finally:  # snapshots whose upload a failure cut short
         shutil.rmtree(ray_dir / f"{name}.staging", ignore_errors=True)
     summary_path = out_dir / "summary.json"  # rank 0's; the driver adds Ray's two timings
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary = read_json(summary_path)
     summary["ray_init_s"] = init_s
     summary["ray_fit_s"] = time.perf_counter() - t0
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
