@@ -459,26 +459,26 @@ def _(ctx):
 @case(
     "checkpoint-corrupt-metadata",
     "checkpoint with a corrupt DCP .metadata (same size)",
-    "diloco train --resume RUN/checkpoints/step_24",
+    "diloco train --set train.steps=32 --resume RUN/checkpoints/step_24",
     "outer/.metadata is corrupt",
 )
 def _(ctx):
     meta = ctx.ckpt() / "outer" / ".metadata"
     meta.write_bytes(b"x" * meta.stat().st_size)
-    return [*ctx.train(out=ctx.run()), "--resume", str(ctx.ckpt())]
+    return [*ctx.train("train.steps=32", out=ctx.run()), "--resume", str(ctx.ckpt())]
 
 
 @case(
     "checkpoint-corrupt-data",
     "checkpoint with a corrupt tensor file (same size)",
-    "diloco train --resume RUN/checkpoints/step_24",
+    "diloco train --set train.steps=32 --resume RUN/checkpoints/step_24",
     "group0: UnpicklingError",
 )
 def _(ctx):
     part = ctx.ckpt() / "group0" / "__0_0.distcp"
     data = part.read_bytes()
     part.write_bytes(b"\0" * 64 + data[64:])
-    return [*ctx.train(out=ctx.run()), "--resume", str(ctx.ckpt())]
+    return [*ctx.train("train.steps=32", out=ctx.run()), "--resume", str(ctx.ckpt())]
 
 
 @case(

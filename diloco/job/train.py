@@ -27,12 +27,13 @@ Observers (the tests' fault injection) see the job only through :mod:`diloco.job
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ from diloco.job.metrics import MetricsLogger, peak_rss_mb
 from diloco.job.progress import ProgressBar
 from diloco.models import GPT, GPTConfig
 from diloco.persist.checkpoint import Checkpointer
-from diloco.persist.resume import plan_resume
+from diloco.persist.resume import plan_resume, read_meta
+from diloco.persist.rundir import RunLock, check_out_dir, guard_finished
 from diloco.testing import faults
 
 __all__ = ["train", "build_model", "build_inner", "build_diloco", "evaluate"]
@@ -228,16 +230,28 @@ def _maybe_checkpoint(
             on_checkpoint(ckpt.root / f"step_{step}")
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
+@contextlib.contextmanager
+def _run_dir(out_dir: Path, is_main: bool) -> Iterator[None]:
+    """The main rank creates ``out_dir`` and holds its :class:`RunLock` for the run's lifetime;
+    a directory this created is removed again if the run fails before writing anything."""
+    if not is_main:
+        yield
+        return
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        lock = RunLock(out_dir).acquire()
     except OSError as e:
         raise ConfigError(
             f"run.out_dir={str(out_dir)!r} is not writable ({e.strerror}); choose another directory"
         ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if empty: the run wrote nothing
 
 
 #: Hooks for a launcher (Ray): called on every rank, in the same order, so they may hold a
@@ -263,6 +277,7 @@ def train(
     when a ``DILOCO_TEST_*`` variable asks for it (:mod:`diloco.testing.faults`).
     """
     faults.install_from_env()
+    check_out_dir(cfg.run.out_dir)
     o = cfg.outer
     if cfg.topology.elastic:
         from diloco.comm.elastic.runtime import init_elastic_runtime
@@ -277,8 +292,9 @@ def train(
         msg = f"outer.compress={o.compress} does nothing with one group (nothing is exchanged)"
         warn(msg, runtime.is_main)
     try:
-        summary = _train(cfg, runtime, resume, force, on_log, on_checkpoint)
-        runtime.barrier()  # no rank tears its process group down while another still talks
+        with _run_dir(Path(cfg.run.out_dir), runtime.is_main):
+            summary = _train(cfg, runtime, resume, force, on_log, on_checkpoint)
+            runtime.barrier()  # no rank tears its process group down while another still talks
         return summary
     except RunFinished as e:  # an elastic group that came back after the last round
         note(str(e), runtime.is_main)
@@ -330,9 +346,9 @@ def _train(
     on_checkpoint: OnCheckpoint = None,
 ) -> dict[str, Any]:
     out_dir = Path(cfg.run.out_dir)
-    resume_from = plan_resume(cfg, resume, force, runtime.is_main)  # read-only checks first
-    if runtime.is_main:
-        _prepare_out_dir(out_dir)
+    resume_from = plan_resume(cfg, resume, force, runtime.is_main)
+    continues = resume_from is not None and read_meta(resume_from)["step"] < cfg.train.steps
+    guard_finished(out_dir, continues, force, runtime.is_main)
     seq_len = cfg.model.block_size
     corpus = load_corpus(cfg.data.source, seq_len)
     deepspeed = cfg.inner.engine == "deepspeed"
