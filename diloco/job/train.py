@@ -54,6 +54,7 @@ from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
 from diloco.job.elastic import GroupState, elastic_summary, group_config
 from diloco.job.inner import build_inner_optimizer, build_scheduler
 from diloco.job.metrics import MetricsLogger, peak_rss_mb
+from diloco.job.preflight import check_device, check_memory
 from diloco.job.progress import ProgressBar
 from diloco.models import GPT, GPTConfig
 from diloco.persist.checkpoint import Checkpointer
@@ -277,7 +278,9 @@ def train(
     when a ``DILOCO_TEST_*`` variable asks for it (:mod:`diloco.testing.faults`).
     """
     faults.install_from_env()
-    check_out_dir(cfg.run.out_dir)
+    check_out_dir(cfg.run.out_dir)  # the input and the machine first, before any work
+    check_device(cfg.run.device)
+    check_memory(cfg)
     o = cfg.outer
     if cfg.topology.elastic:
         from diloco.comm.elastic.runtime import init_elastic_runtime

@@ -44,6 +44,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,24 @@ def _worker_env(plan: WorkerPlan) -> dict[str, str]:
     return env
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds, in one line, where ``ray.init`` would retry an address forever."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RayLaunchError(
+            f"--address {address!r} is not local, auto, host:port or ray://host:port"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayLaunchError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start it with "
+            "'ray start --head' or fix --address / RAY_ADDRESS"
+        ) from None
+
+
 def _run_name(out_dir: Path) -> str:
     return f"{out_dir.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
@@ -203,6 +222,8 @@ def launch_ray(
         plan = plan_workers(cfg, cpus_per_worker, gpus_available=gpus > 0)
         # The cluster is sized from the topology; only GPUs can be missing.
         check_resources(plan, [{"CPU": plan.cpus_per_worker * plan.workers, "GPU": float(gpus)}])
+    elif not connected:
+        _check_reachable(address)
     ray = _import_ray()
     started = False
     t0 = time.perf_counter()
