@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from diloco.errors import DilocoError
 
-__all__ = ["fsync_dir", "read_json", "write_text_atomic", "writing_atomically"]
+__all__ = ["fsync_dir", "read_json", "write_atomic", "write_text_atomic", "writing_atomically"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -51,12 +51,42 @@ def writing_atomically(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically: the old file or the new one, never part."""
-    with writing_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+class _Sink:
+    """A binary file for a serialiser (``torch.save``) that keeps the first ``OSError`` of a
+    write: a serialiser may report it as its own error type, without the reason."""
+
+    def __init__(self, f: BinaryIO):
+        self.file, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a temporary file that then replaces ``path`` (see
+    :func:`writing_atomically`); a failed write raises ``cannot write PATH: <reason>``."""
+    with writing_atomically(path) as tmp, open(tmp, "wb") as f:
+        sink = _Sink(f)
+        try:
+            write(sink)
+        except Exception:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: the old file or the new one, never part."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_json(path: str | os.PathLike) -> Any:

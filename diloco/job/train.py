@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from diloco.comm.elastic.quorum import RunFinished
 from diloco.comm.topology import Runtime, init_runtime
 from diloco.config import Config, config_fingerprint, dump_config
 from diloco.errors import ConfigError, TopologyError, note, warn
-from diloco.files import write_text_atomic, writing_atomically
+from diloco.files import write_atomic, write_text_atomic
 from diloco.job import events
 from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
 from diloco.job.elastic import GroupState, elastic_summary, group_config
@@ -213,10 +212,7 @@ def _save_final_model(model: nn.Module, dl: DiLoCo, runtime: Runtime, path: Path
         # Written inside the block: unsharded, ``state`` holds views of the parameters, which
         # get the fast weights back on exit (they differ from θ with streaming fragments).
         if runtime.is_main:
-            with writing_atomically(path) as tmp, open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            write_atomic(path, lambda f: torch.save(state, f))
 
 
 def _maybe_checkpoint(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from diloco.errors import CheckpointError, DilocoError
-from diloco.files import writing_atomically
+from diloco.files import write_atomic
 from diloco.persist.checkpoint_files import load_dcp
 from diloco.persist.resume import CHECKPOINTS, config_of, newest_checkpoint, read_meta
 
@@ -57,16 +57,13 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DilocoError(f"cannot write {out}: {e.strerror or e}") from None
-    with writing_atomically(out) as tmp, open(tmp, "wb") as f:
-        if out.suffix == ".safetensors":
-            cfg = config_of(meta)
-            info = {"diloco_model": json.dumps(dataclasses.asdict(cfg.model))}
-            info["diloco_step"] = str(meta["step"])
-            f.write(to_bytes(state, metadata=info))
-        else:
-            torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    if out.suffix == ".safetensors":
+        cfg = config_of(meta)
+        info = {"diloco_model": json.dumps(dataclasses.asdict(cfg.model))}
+        info["diloco_step"] = str(meta["step"])
+        write_atomic(out, lambda f: f.write(to_bytes(state, metadata=info)))
+    else:
+        write_atomic(out, lambda f: torch.save(state, f))
     params = sum(t.numel() for k, t in state.items() if k != "lm_head.weight")
     return {"checkpoint": str(ckpt), "step": meta["step"], "params": params, "out": str(out)}
 
