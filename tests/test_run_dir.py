@@ -232,3 +232,17 @@ def test_release_leaves_a_lock_taken_over_by_another_job(tmp_path):
     other = write_lock(tmp_path, 1, "elsewhere")
     lock.release()
     assert other.exists()
+
+
+def test_ctrl_c_exits_130_with_one_line_and_releases_the_run_dir(tmp_path):
+    out = tmp_path / "run"
+    job = start_job(tmp_path, out, steps=10_000)
+    try:
+        wait_for(out / "metrics.jsonl")  # training has started
+        job.send_signal(signal.SIGINT)
+        assert job.wait(timeout=120) == 130
+    finally:
+        job.kill()
+    assert job.stderr.read().splitlines()[-1] == "diloco: interrupted"
+    assert not (out / LOCK_NAME).exists()
+    assert not list(out.glob("*.tmp*"))
