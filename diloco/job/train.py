@@ -384,6 +384,7 @@ def _train(
     if resumed is None:
         val_loss = evaluate(model, val, runtime)
         record0 = {"step": 0, "outer_step": 0, "tokens": 0, "val_loss": val_loss, **start_check}
+        bar.set_val(0, val_loss)
         logger.log(record0)
         if on_log is not None:
             on_log(record0)
@@ -460,10 +461,11 @@ def _train(
             with dl.slow_weights(), runtime.busy():
                 val_loss = evaluate(model, val, runtime)
             record["val_loss"] = val_loss
+            bar.set_val(step, val_loss)
         logger.log(record)
         if on_log is not None:
             on_log(record)
-        bar.update(step, loss=record["loss"], val=val_loss, tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(step, record["loss"], record["tokens_per_s"])
         window_start, window_tokens = time.perf_counter(), 0
         _maybe_checkpoint(ckpt, step, val_loss, round_fields, on_checkpoint)
     bar.close()
