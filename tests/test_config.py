@@ -385,6 +385,7 @@ def test_yaml_1_1_exponent_strings_are_read_as_floats(tmp_path):
 
 ENUMS = {
     "run.device": "auto, cpu, cuda",
+    "run.wandb": "off, offline, online",
     "inner.optimizer": "adamw, sgd, muon",
     "inner.schedule": "constant, cosine, wsd",
     "outer.method": "nesterov, sgd, ema_nesterov, none",
@@ -399,6 +400,15 @@ ENUMS = {
 @pytest.mark.parametrize(("key", "allowed"), ENUMS.items(), ids=list(ENUMS))
 def test_enum_lists_the_allowed_values(key, allowed):
     assert error_for({key: "adam"}) == f"{key} must be one of {allowed}; got 'adam'"
+
+
+def test_bare_off_means_off_for_a_key_that_has_an_off_choice(tmp_path):
+    assert load_config(str(write(tmp_path, "run:\n  wandb: off\n"))).run.wandb == "off"
+
+
+def test_wandb_is_off_by_default_and_takes_offline_or_online():
+    assert Config().run.wandb == "off"
+    assert load_config(overrides=["run.wandb=offline"]).run.wandb == "offline"
 
 
 def test_enum_rejects_a_yaml_bool_read_from_off(tmp_path):
@@ -628,6 +638,7 @@ def test_fingerprint_ignores_settings_that_do_not_change_the_maths(key):
         "run.out_dir": "elsewhere",
         "run.progress": False,
         "run.tensorboard": True,
+        "run.wandb": "offline",
         "topology.group_id": 1,
         "topology.coordinator": "10.0.0.2:29600",
     }.get(key, 99)

@@ -4,6 +4,7 @@ and the run's memory estimate fits what a process has."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -119,3 +120,21 @@ def test_local_rank_beyond_the_nodes_devices_is_refused(monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_cpu_and_auto_need_no_check(device):
     preflight.check_device(device)
+
+
+@pytest.mark.parametrize(
+    ("setting", "package", "message"),
+    [
+        ("run.wandb=offline", "wandb", "run.wandb=offline needs the wandb package: pip install"),
+        ("run.tensorboard=true", "tensorboard", "run.tensorboard=true needs the tensorboard"),
+    ],
+)
+def test_a_missing_optional_package_is_one_line_before_any_work(
+    monkeypatch, setting, package, message
+):
+    real = preflight.importlib.util.find_spec
+    monkeypatch.setattr(
+        preflight.importlib.util, "find_spec", lambda name: None if name == package else real(name)
+    )
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        preflight.check_packages(load_config(None, [setting]))

@@ -76,6 +76,12 @@ class RunConfig:
     )
     progress: bool = _field(True, "Show a progress bar.")
     tensorboard: bool = _field(False, "Also write TensorBoard event files to the run directory.")
+    wandb: str = _field(
+        "off",
+        "Also log the metrics to Weights & Biases: offline (files in RUN_DIR/wandb, to "
+        "'wandb sync' later) or online; needs pip install wandb.",
+        ("off", "offline", "online"),
+    )
 
 
 @dataclass
@@ -273,6 +279,7 @@ FINGERPRINT_IGNORE: tuple[str, ...] = (
     "run.out_dir",
     "run.progress",
     "run.tensorboard",
+    "run.wandb",
     "train.steps",
     "train.log_every",
     "train.checkpoint_every",
@@ -430,6 +437,8 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple[str, ...]) -> Any:
     if choices:
         if isinstance(value, str) and value in choices:
             return value
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            return "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         surprise = yaml_surprise(value, str)
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}{surprise}")
     if hint is bool:

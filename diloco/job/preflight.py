@@ -12,6 +12,7 @@ that could never succeed into one line before training starts.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -19,9 +20,10 @@ import torch
 
 from diloco.config import Config
 from diloco.errors import ConfigError, TopologyError
+from diloco.job.metrics import WANDB_MISSING
 from diloco.persist.resume import model_shapes
 
-__all__ = ["available_memory", "check_device", "check_memory", "estimate_memory"]
+__all__ = ["available_memory", "check_device", "check_memory", "check_packages", "estimate_memory"]
 
 #: Inner optimiser state, bytes per parameter (fp32): AdamW's two moments; SGD's and Muon's
 #: momentum (Muon's AdamW-trained part has two: counted as the larger).
@@ -45,6 +47,17 @@ def check_device(device: str) -> None:
         raise TopologyError(
             f"LOCAL_RANK={local_rank} but this node has {count} CUDA device(s); launch at most "
             f"{count} processes per node (torchrun --nproc-per-node={count})"
+        )
+
+
+def check_packages(cfg: Config) -> None:
+    """Raise when an optional package the run's settings need is not installed."""
+    if cfg.run.wandb != "off" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(WANDB_MISSING.format(mode=cfg.run.wandb))
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "run.tensorboard=true needs the tensorboard package: pip install tensorboard (or "
+            "pip install -e '.[tensorboard]'), or set run.tensorboard=false"
         )
 
 

@@ -45,7 +45,7 @@ from diloco.algorithm.streaming import StreamingDiLoCo
 from diloco.algorithm.wrapper import DiLoCo, SyncReport
 from diloco.comm.elastic.quorum import RunFinished
 from diloco.comm.topology import Runtime, init_runtime
-from diloco.config import Config, config_fingerprint, dump_config
+from diloco.config import Config, config_fingerprint, config_to_dict, dump_config
 from diloco.errors import ConfigError, TopologyError, note, warn
 from diloco.files import write_atomic, write_text_atomic
 from diloco.job import events
@@ -53,7 +53,7 @@ from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
 from diloco.job.elastic import GroupState, elastic_summary, group_config
 from diloco.job.inner import build_inner_optimizer, build_scheduler
 from diloco.job.metrics import MetricsLogger, peak_rss_mb
-from diloco.job.preflight import check_device, check_memory
+from diloco.job.preflight import check_device, check_memory, check_packages
 from diloco.job.progress import ProgressBar
 from diloco.models import GPT, GPTConfig
 from diloco.persist.checkpoint import Checkpointer
@@ -276,6 +276,7 @@ def train(
     faults.install_from_env()
     check_out_dir(cfg.run.out_dir)  # the input and the machine first, before any work
     check_device(cfg.run.device)
+    check_packages(cfg)
     check_memory(cfg)
     o = cfg.outer
     if cfg.topology.elastic:
@@ -374,7 +375,9 @@ def _train(
 
     steps, tc = cfg.train.steps, cfg.train
     tokens_per_step = cfg.data.batch_size * seq_len * runtime.groups
-    logger = MetricsLogger(out_dir, runtime.is_main, cfg.run.tensorboard)
+    logger = MetricsLogger(
+        out_dir, runtime.is_main, cfg.run.tensorboard, cfg.run.wandb, config_to_dict(cfg)
+    )
     logger.truncate_after(first_step - 1 if resumed else -1)  # drop what a crashed run logged
     bar = ProgressBar(steps, enabled=runtime.is_main and cfg.run.progress, start=first_step - 1)
     timers = _Timers()

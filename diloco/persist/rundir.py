@@ -34,7 +34,14 @@ LOCK_NAME = ".diloco.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 #: What a run writes into its directory besides ``checkpoints/`` (moved aside by ``--force``).
-OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "final_model.pt", "tensorboard")
+OUTPUTS = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "final_model.pt",
+    "tensorboard",
+    "wandb",
+)
 
 
 class RunDirError(DilocoError):
