@@ -114,11 +114,8 @@ class DiLoCo:
 
     β of the next start point is β_max · lr / lr_peak (never above β_max), read from the inner
     optimiser's first param group at the outer step (the LR of the step that closed the round);
-    lr_peak is the schedule's peak (:class:`~diloco.algorithm.arguments.PeakLR`).
-
-    Misuse raises, as torch optimisers do: an argument that cannot work (``sync_every=2.5``), an
-    ``inner_optimizer`` that does not hold the model's parameters, or :meth:`step`, :meth:`sync`
-    or :meth:`load_state_dict` inside ``with dl.slow_weights():``.
+    lr_peak is the schedule's peak (:class:`~diloco.algorithm.arguments.PeakLR`). Misuse raises
+    (:mod:`~diloco.algorithm.arguments`; a step inside ``with dl.slow_weights():``).
     """
 
     def __init__(
@@ -245,8 +242,7 @@ class DiLoCo:
         return self.ema_beta * self._peak_lr.ratio(self.inner.param_groups[0])
 
     def _check_not_holding_slow(self, what: str) -> None:
-        """Raise inside ``with slow_weights():``: the fast weights are set aside there, and what
-        a step or a load wrote into the model would be thrown away on leaving the block."""
+        """Raise inside ``with slow_weights():``, whose exit would overwrite what ``what`` wrote."""
         if self._holding_slow:
             raise RuntimeError(
                 f"DiLoCo.{what} inside 'with dl.slow_weights():' would be lost when the block "
