@@ -126,13 +126,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl`` file; a torn last line (a write cut short) is skipped.
 
     Raises:
-        DilocoError: the file cannot be read, or a line before the last is not a JSON record.
+        OSError: the file cannot be opened (``FileNotFoundError``: not written yet).
+        DilocoError: the file is not UTF-8, or a line before the last is not a JSON record.
     """
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
-    except (OSError, UnicodeError) as e:
-        raise DilocoError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except UnicodeError:
+        raise DilocoError(f"{path} is damaged: not UTF-8 text") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
