@@ -726,6 +726,14 @@ def _(ctx):
     return ctx.train(out="/")
 
 
+setting(
+    "out-dir-tilde",
+    "run.out_dir with a '~' nothing expands",
+    "run.out_dir=~/runs/x",
+    "run.out_dir='~/runs/x' starts with '~', which is not expanded inside --set",
+)
+
+
 @case(
     "run-dir-in-use",
     "run.out_dir in use by a running job",

@@ -51,10 +51,11 @@ def test_compressed_exchange_with_several_groups_adds_its_buffers():
     assert estimate("outer.compress=int8")["exchange"] == 0  # one group sends nothing
 
 
-def test_activations_grow_with_batch_and_sequence():
+def test_activations_grow_linearly_with_the_tokens_of_a_batch():
     base = estimate()["activations"]
     assert estimate("data.batch_size=32")["activations"] == pytest.approx(2 * base)
-    assert estimate("model.block_size=256")["activations"] > 2 * base
+    assert estimate("model.block_size=256")["activations"] == pytest.approx(2 * base)
+    assert estimate("topology.shards=2", "data.batch_size=32")["activations"] == pytest.approx(base)
 
 
 def test_estimate_is_within_a_factor_of_two_of_a_measured_training_step():

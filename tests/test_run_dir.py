@@ -125,12 +125,19 @@ def test_unfinished_run_without_checkpoints_starts_over_as_a_restarted_job_must(
 
 @pytest.mark.parametrize(
     ("out_dir", "where"),
-    [("/", "the root directory"), ("/etc", "a top-level directory"), ("~", "your home directory")],
+    [("/", "the root directory"), ("/etc", "a top-level directory"), (None, "your home directory")],
     ids=["root", "top-level", "home"],
 )
 def test_out_dir_that_is_no_directory_of_its_own_is_refused(out_dir, where):
+    out_dir = out_dir or str(Path.home())
     with pytest.raises(DilocoError, match=rf"run.out_dir='{out_dir}' is {where}; .*runs/NAME"):
         rundir.check_out_dir(out_dir)
+
+
+def test_out_dir_with_a_tilde_is_refused_with_the_expanded_path():
+    expanded = Path("~/runs/x").expanduser()
+    with pytest.raises(DilocoError, match=rf"starts with '~'.*e\.g\. {expanded}$"):
+        rundir.check_out_dir("~/runs/x")
 
 
 def test_run_directories_below_top_level_are_accepted(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,11 @@ from diloco.job.metrics import MetricsLogger, read_metrics  # noqa: E402
 _BLOCK, _HEADER = 32768, 7  # LevelDB log framing: 32 KiB blocks, (crc32, length, type) headers
 
 
-def history(run_dir: Path) -> list[dict[str, float]]:
-    """The rows logged to the offline W&B run under ``run_dir/wandb`` (``_step`` included)."""
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+def records(path: Path) -> list:
+    """The protobuf records of a ``.wandb`` file written so far."""
     data = path.read_bytes()
     assert data[:4] == b":W&B"
-    rows, pending, pos = [], b"", _HEADER  # the file header is as long as a record header
+    out, pending, pos = [], b"", _HEADER  # the file header is as long as a record header
     while pos + _HEADER <= len(data):
         if _BLOCK - pos % _BLOCK < _HEADER:  # too little room left in this block: padding
             pos += _BLOCK - pos % _BLOCK
@@ -37,13 +37,26 @@ def history(run_dir: Path) -> list[dict[str, float]]:
         if kind in (1, 4):  # a full record, or the last part of one
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
+            out.append(record)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
-                items = record.history.item
-                rows.append(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
-                )
-    return rows
+    return out
+
+
+def history(run_dir: Path, timeout_s: float = 60) -> list[dict[str, float]]:
+    """The rows logged to the offline W&B run under ``run_dir/wandb`` (``_step`` included),
+    once W&B's service has written the run's exit record (``finish()`` may return before)."""
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout_s
+    found = records(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in found):
+        assert time.monotonic() < deadline, f"{path} has no exit record"
+        time.sleep(0.1)
+        found = records(path)
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in found
+        if r.WhichOneof("record_type") == "history"
+    ]
 
 
 def by_step(rows: list[dict[str, float]], key: str) -> list[tuple[int, float]]:

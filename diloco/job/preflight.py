@@ -74,13 +74,11 @@ def estimate_memory(cfg: Config) -> dict[str, float]:
         exchange = 4 * n  # the reducer's flat copy of Δ
         if o.compress != "none":  # error-feedback residual, encoded chunks, decoded chunk
             exchange += 4 * n + 3 * 4 * max(n, groups * o.compress_block)
-    tokens, t = cfg.data.batch_size / cfg.topology.shards * m.block_size, m.block_size
-    # Per layer and token (Korthikanti et al. 2022): ~17·C values, plus the attention scores
-    # (H·T) where attention materialises them (fp32 on the CPU; bf16 kernels do not).
-    if _bf16(cfg):
-        per_token = 2 * 17 * m.n_embd
-    else:
-        per_token = 4 * (17 * m.n_embd + m.n_head * t)
+    t = m.block_size
+    tokens = cfg.data.batch_size / cfg.topology.shards * t
+    # Per layer and token ~17·C stored values (Korthikanti et al. 2022); the attention scores
+    # (H·T) are not stored: scaled_dot_product_attention uses fused kernels on CPU and GPU.
+    per_token = (2 if _bf16(cfg) else 4) * 17 * m.n_embd
     logits = 2 * tokens * m.vocab_size * 4  # fp32 logits for the loss, and their gradient
     return {
         "parameters": 4 * n,

@@ -27,8 +27,16 @@ from typing import Any
 
 from diloco.errors import ConfigError, DilocoError, note
 
-__all__ = ["HEARTBEAT_S", "LOCK_NAME", "OUTPUTS", "STALE_S", "RunLock", "check_out_dir"]
-__all__ += ["guard_finished"]
+__all__ = [
+    "HEARTBEAT_S",
+    "LOCK_NAME",
+    "OUTPUTS",
+    "STALE_S",
+    "RunDirError",
+    "RunLock",
+    "check_out_dir",
+    "guard_finished",
+]
 
 LOCK_NAME = ".diloco.lock"
 HEARTBEAT_S = 30.0
@@ -50,8 +58,14 @@ class RunDirError(DilocoError):
 
 def check_out_dir(out_dir: str | os.PathLike) -> None:
     """Refuse ``/``, a top-level directory (``/etc``) or the home directory as ``run.out_dir``
-    unless it already holds a run: a run writes its files into the directory itself."""
-    path = Path(out_dir).expanduser().absolute()
+    unless it already holds a run: a run writes its files into the directory itself. A leading
+    ``~`` is refused too: nothing expands it in ``--set`` or a config file."""
+    if str(out_dir).startswith("~"):
+        raise ConfigError(
+            f"run.out_dir={str(out_dir)!r} starts with '~', which is not expanded inside --set "
+            f"or a config file; give the full path, e.g. {Path(out_dir).expanduser()}"
+        )
+    path = Path(out_dir).absolute()
     resolved = Path(os.path.realpath(path))
     if (resolved / "config.yaml").exists() or (resolved / "metrics.jsonl").exists():
         return
