@@ -3,8 +3,10 @@
 ``diloco plot RUN_DIR ... --out curves.png``, ``diloco summary RUN_DIR ... [--json]``,
 ``diloco bench optim [--quick] ...`` and ``diloco launch ray [--config FILE] [--address …]``.
 
-User errors (:class:`diloco.errors.DilocoError`) print one line, ``diloco: error: …``, and exit
-with status 2; anything else is a bug and keeps its traceback.
+User errors (:class:`diloco.errors.DilocoError`) and what the machine refuses (an ``OSError``
+such as a full disk or a path that cannot be written, running out of memory) print one line,
+``diloco: error: …``, and exit with status 2; Ctrl-C exits with 130; anything else is a bug and
+keeps its traceback. ``diloco --version`` prints the installed version.
 """
 
 from __future__ import annotations
@@ -176,11 +178,23 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_coordinator)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diloco")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        from diloco import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diloco",
         description="Low-communication two-loop training (DiLoCo, SNOO, EMA-Nesterov).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a GPT with the configured inner/outer optimisers")
     _add_config_args(p)
@@ -212,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DilocoError as e:
-        print(f"diloco: error: {e}", file=sys.stderr, flush=True)
+    except (DilocoError, OSError, MemoryError) as e:
+        print(f"diloco: error: {_one_line(e)}", file=sys.stderr, flush=True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # The other ranks usually hit the same error; give them time to say so before the
             # launcher (torchrun) stops every rank once the first one exits.
@@ -222,6 +236,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diloco: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise  # a bug: keep the traceback
+        print(f"diloco: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The report of a user-caused error: its message, or for an OSError the operation's file
+    and the system's reason (``/proc/m.pt: Permission denied``), on one line."""
+    if isinstance(e, DilocoError):
+        return str(e)
+    if isinstance(e, MemoryError) or _out_of_memory(e):
+        first = " ".join(str(e).split())[:300]
+        return (
+            f"out of memory ({first or type(e).__name__}); lower data.batch_size or the model size"
+        )
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}" + (f" (-> {e.filename2})" if e.filename2 else "")
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory errors: ``torch.OutOfMemoryError`` (a device) or a CPU allocation
+    that failed (``DefaultCPUAllocator: can't allocate memory``)."""
+    return type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a script to regenerate docs/errors.md
@@ -459,26 +461,26 @@ def _(ctx):
 @case(
     "checkpoint-corrupt-metadata",
     "checkpoint with a corrupt DCP .metadata (same size)",
-    "diloco train --resume RUN/checkpoints/step_24",
+    "diloco train --set train.steps=32 --resume RUN/checkpoints/step_24",
     "outer/.metadata is corrupt",
 )
 def _(ctx):
     meta = ctx.ckpt() / "outer" / ".metadata"
     meta.write_bytes(b"x" * meta.stat().st_size)
-    return [*ctx.train(out=ctx.run()), "--resume", str(ctx.ckpt())]
+    return [*ctx.train("train.steps=32", out=ctx.run()), "--resume", str(ctx.ckpt())]
 
 
 @case(
     "checkpoint-corrupt-data",
     "checkpoint with a corrupt tensor file (same size)",
-    "diloco train --resume RUN/checkpoints/step_24",
+    "diloco train --set train.steps=32 --resume RUN/checkpoints/step_24",
     "group0: UnpicklingError",
 )
 def _(ctx):
     part = ctx.ckpt() / "group0" / "__0_0.distcp"
     data = part.read_bytes()
     part.write_bytes(b"\0" * 64 + data[64:])
-    return [*ctx.train(out=ctx.run()), "--resume", str(ctx.ckpt())]
+    return [*ctx.train("train.steps=32", out=ctx.run()), "--resume", str(ctx.ckpt())]
 
 
 @case(
@@ -596,6 +598,233 @@ def _(ctx):
     return ctx.train("train.max_bad_rounds=3")
 
 
+# --- issue 15: --set values mean what was typed (class 3) ---------------------------------------
+
+
+@case(
+    "set-text-with-hash",
+    "a text value with ' #' (not a YAML comment)",
+    "diloco train --set 'data.source=text:data/a #b.txt'",
+    "/a #b.txt does not exist or is not a file",
+)
+def _(ctx):
+    return ctx.train(f"data.source=text:{ctx.tmp / 'a #b.txt'}")
+
+
+setting(
+    "set-integer-exponent",
+    "an integer key given 1e3",
+    "train.steps=1e3",
+    "train.steps must be an integer, got '1e3' (str)",
+)
+setting(
+    "set-boolean-yes",
+    "a boolean key given yes",
+    "run.progress=yes",
+    "run.progress must be true or false, got 'yes' (str)",
+)
+
+
+@case(
+    "yaml-number-for-text-key",
+    "config file giving a text key a bare number",
+    "diloco train --config c.yaml  (run: {out_dir: 2024})",
+    "run.out_dir must be a string, got 2024 (int); YAML reads an unquoted number as a number",
+)
+def _(ctx):
+    path = ctx.tmp / "c.yaml"
+    path.write_text("run:\n  out_dir: 2024\n")
+    return ["train", "--config", str(path)]
+
+
+# --- issue 15: sizes and memory, checked before any work (class 4) -------------------------------
+
+setting(
+    "compress-block-huge",
+    "int8 block far larger than any allocation",
+    "outer.compress_block=100000000000",
+    "outer.compress_block must be <= 65536",
+)
+setting(
+    "batch-size-huge",
+    "a batch no machine holds",
+    "data.batch_size=2000000",
+    "data.batch_size must be <= 1048576, got 2000000",
+)
+setting(
+    "timeout-huge",
+    "process-group timeout beyond a week",
+    "topology.timeout_s=100000000000000000000",
+    "topology.timeout_s must be <= 604800 (a week), got 100000000000000000000",
+)
+
+
+@case(
+    "model-does-not-fit-in-memory",
+    "a model whose estimate exceeds the memory per process",
+    "diloco train --set model.n_layer=1024 --set model.n_embd=65536 --set model.n_head=64",
+    "GiB per process (inner state",
+)
+def _(ctx):
+    return ctx.train("model.n_layer=1024", "model.n_embd=65536", "model.n_head=64")
+
+
+# --- issue 15: the environment, up front (class 5) -----------------------------------------------
+
+if not torch.cuda.is_available():
+
+    @case(
+        "device-cuda-without-cuda",
+        "run.device=cuda on a machine without CUDA",
+        "diloco train --set run.device=cuda",
+        "run.device=cuda but no CUDA device is available",
+    )
+    def _(ctx):
+        return ctx.train("run.device=cuda")
+
+    @case(
+        "device-cuda-without-cuda-torchrun",
+        "run.device=cuda without CUDA, as rank 1 of a torchrun job",
+        "torchrun --nproc-per-node 2 -m diloco train --set run.device=cuda --set topology.groups=2",
+        "run.device=cuda but no CUDA device is available",
+        env={"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
+    )
+    def _(ctx):
+        return ctx.train("run.device=cuda", "topology.groups=2")
+
+
+@case(
+    "ray-address-unreachable",
+    "Ray cluster address where nothing answers",
+    "diloco launch ray --address 127.0.0.1:1",
+    "cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused)",
+)
+def _(ctx):
+    return ["launch", "ray", "--address", "127.0.0.1:1", *ctx.sets(ctx.tmp / "out")]
+
+
+# --- issue 15: run directories (class 1) and damaged outputs (class 2) ---------------------------
+
+
+@case(
+    "rerun-finished-run",
+    "train again into a finished run",
+    "diloco train  (RUN finished: summary.json, last checkpoint at train.steps)",
+    "already holds a finished run (24 steps, final val loss",
+)
+def _(ctx):
+    return ctx.train(out=ctx.run())
+
+
+@case(
+    "out-dir-root",
+    "run.out_dir that is the root directory",
+    "diloco train --set run.out_dir=/",
+    "run.out_dir='/' is the root directory",
+)
+def _(ctx):
+    return ctx.train(out="/")
+
+
+setting(
+    "out-dir-tilde",
+    "run.out_dir with a '~' nothing expands",
+    "run.out_dir=~/runs/x",
+    "run.out_dir='~/runs/x' starts with '~', which is not expanded inside --set",
+)
+
+
+@case(
+    "run-dir-in-use",
+    "run.out_dir in use by a running job",
+    "diloco train  (RUN/.diloco.lock held by a live process)",
+    "is in use by pid",
+)
+def _(ctx):
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
+    (ctx.run() / ".diloco.lock").write_text(json.dumps(lock))
+    return ctx.train("train.steps=32", out=ctx.run())
+
+
+@case(
+    "summary-json-empty",
+    "a run whose summary.json is 0 bytes (disk was full)",
+    "diloco summary RUN",
+    "summary.json is empty",
+)
+def _(ctx):
+    (ctx.run() / "summary.json").write_text("")
+    return ["summary", str(ctx.run())]
+
+
+@case(
+    "plot-summary-json-torn",
+    "a run whose summary.json was cut short",
+    "diloco plot RUN",
+    "summary.json is damaged (not JSON",
+)
+def _(ctx):
+    (ctx.run() / "summary.json").write_text('{"final_val_loss": 3.')
+    return ["plot", str(ctx.run()), "--out", str(ctx.tmp / "c.png")]
+
+
+@case(
+    "metrics-line-damaged",
+    "metrics.jsonl with a damaged line",
+    "diloco summary RUN",
+    "metrics.jsonl is damaged: line 2 is not a JSON record",
+)
+def _(ctx):
+    path = ctx.run() / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "\x00\x00", *lines[1:]]) + "\n")
+    return ["summary", str(ctx.run())]
+
+
+# --- issue 15: OS and file errors, one line (class 8) --------------------------------------------
+
+
+@case(
+    "export-out-in-proc",
+    "export to a file that cannot be created",
+    "diloco export RUN --out /proc/m.pt",
+    "cannot write /proc/m.pt:",
+)
+def _(ctx):
+    return ["export", str(ctx.run()), "--out", "/proc/m.pt"]
+
+
+@case(
+    "export-out-is-a-directory",
+    "export onto an existing directory",
+    "diloco export RUN --out dir.pt  (dir.pt/ is a directory)",
+    "dir.pt: Is a directory",
+)
+def _(ctx):
+    (ctx.tmp / "dir.pt").mkdir()
+    return ["export", str(ctx.run()), "--out", str(ctx.tmp / "dir.pt")]
+
+
+@case(
+    "plot-out-in-proc",
+    "plot into a file that cannot be created",
+    "diloco plot RUN --out /proc/c.png",
+    "cannot write plot '/proc/c.png'",
+)
+def _(ctx):
+    return ["plot", str(ctx.run()), "--out", "/proc/c.png"]
+
+
+@case(
+    "config-file-is-a-directory",
+    "--config naming a directory",
+    "diloco train --config configs/",
+    "Is a directory",
+)
+def _(ctx):
+    return ["train", "--config", str(ctx.tmp)]
+
+
 # --- running the cases ---------------------------------------------------------------------------
 
 
@@ -705,8 +934,15 @@ def test_errors_doc_lists_every_case():
 # --- docs/errors.md ------------------------------------------------------------------------------
 
 
+#: docs/errors.md from this heading on is written by hand (the Python API's refusals) and kept.
+HAND_WRITTEN = "\n## The Python API"
+
+
 def write_doc() -> None:
     import tempfile
+
+    old = DOC.read_text() if DOC.exists() else ""
+    kept = old[old.index(HAND_WRITTEN) :] if HAND_WRITTEN in old else ""
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -728,11 +964,16 @@ def write_doc() -> None:
         "`diloco: error: …`, naming the field or value and what is allowed, exits with status 2,\n"
         "and changes nothing that was on disk (checkpoints, `config.yaml`, `metrics.jsonl`).\n"
         "Tracebacks are kept for bugs. Warnings (`diloco: warning: …`) may precede the error\n"
-        "line, e.g. for each broken checkpoint `--resume auto` skips.\n\n"
+        "line, e.g. for each broken checkpoint `--resume auto` skips. What the machine refuses\n"
+        "(a full disk, a path that cannot be written, memory) is one line and status 2 too;\n"
+        "Ctrl-C stops with `diloco: interrupted` and status 130.\n\n"
         "Generated by running every case of `tests/test_bad_inputs.py` on a tiny run\n"
         "(`python tests/test_bad_inputs.py`); `…` stands for the temporary directory.\n\n"
         f"{len(rows)} cases.\n\n"
-        "| case | bad input | command | message |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "| case | bad input | command | message |\n|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+        + kept
     )
     print(f"wrote {DOC} ({len(rows)} cases)")
 

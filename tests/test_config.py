@@ -224,7 +224,7 @@ def test_unknown_key_without_a_close_match_lists_the_section_keys():
 # --- --set overrides -----------------------------------------------------------------------------
 
 
-def test_overrides_parse_values_as_yaml():
+def test_overrides_parse_values_by_the_keys_type():
     cfg = load_config(
         overrides=[
             "outer.sync_every=32",
@@ -264,6 +264,62 @@ def test_override_without_section_suggests_the_full_key():
         load_config(overrides=["sync_every=8"])
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["text:data/a #b.txt", "text:C: drive/x.txt", "text:'quoted'.txt", "text:[x].txt", "text: x "],
+    ids=["hash", "colon-space", "quotes", "brackets", "spaces"],
+)
+def test_string_override_takes_the_text_exactly_as_typed(text):
+    assert load_config(overrides=[f"data.source={text}"]).data.source == text
+
+
+@pytest.mark.parametrize("text", ["yes", "on", "1", "y"])
+def test_boolean_override_is_true_or_false_only(text):
+    with pytest.raises(ConfigError, match=rf"^run.progress must be true or false, got '{text}'"):
+        load_config(overrides=[f"run.progress={text}"])
+
+
+def test_boolean_override_ignores_case_and_surrounding_spaces():
+    assert load_config(overrides=["run.progress= False "]).run.progress is False
+    assert load_config(overrides=["run.tensorboard=TRUE"]).run.tensorboard is True
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.steps=1e3", "train.steps must be an integer, got '1e3' (str)"),
+        ("train.steps=10.0", "train.steps must be an integer, got '10.0' (str)"),
+        ("train.steps=0x10", "train.steps must be an integer, got '0x10' (str)"),
+        ("inner.lr=.inf", "inner.lr must be a finite number, got '.inf' (str)"),
+        ("inner.lr=1e-3 # fast", "inner.lr must be a finite number, got '1e-3 # fast' (str)"),
+    ],
+    ids=["int-exponent", "int-with-dot", "int-hex", "float-yaml-inf", "float-with-comment"],
+)
+def test_number_override_is_parsed_strictly(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=[override])
+
+
+def test_integer_and_number_overrides_accept_signs_and_exponents():
+    cfg = load_config(overrides=["train.steps=+64", "inner.lr=3E-4", "outer.lr=1"])
+    assert (cfg.train.steps, cfg.inner.lr, cfg.outer.lr) == (64, 3e-4, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("run:\n  out_dir: 2024\n", "run.out_dir must be a string, got 2024 (int); YAML reads"),
+        ("outer:\n  offload: no\n", "got False; YAML reads an unquoted yes/no/on/off"),
+        ("data:\n  source:\n", "data.source must be a string, got None (NoneType); YAML reads an"),
+    ],
+    ids=["number", "boolean", "empty"],
+)
+def test_yaml_value_of_another_type_for_a_text_key_says_to_quote_it(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_config(str(write(tmp_path, text)))
+    assert str(info.value).endswith("put the value in quotes")
+
+
 def test_override_with_invalid_yaml_value_names_the_override():
     with pytest.raises(ConfigError, match=r"^--set 'inner\.betas=\[0\.9,': invalid YAML value: "):
         load_config(overrides=["inner.betas=[0.9,"])
@@ -288,7 +344,12 @@ def test_override_of_an_unknown_key_suggests_the_closest_key():
         ("outer.lr", float("inf"), "outer.lr must be a finite number, got inf (float)"),
         ("outer.lr", float("nan"), "outer.lr must be a finite number, got nan (float)"),
         ("run.progress", 1, "run.progress must be true or false, got 1 (int)"),
-        ("run.out_dir", 7, "run.out_dir must be a string, got 7 (int)"),
+        (
+            "run.out_dir",
+            7,
+            "run.out_dir must be a string, got 7 (int); YAML reads an unquoted number as a "
+            "number: put the value in quotes",
+        ),
         ("inner.betas", 0.9, "inner.betas must be a list of numbers, got 0.9 (float)"),
         ("inner.betas", [0.9, "x"], "inner.betas must be a list of numbers, got [0.9, 'x'] (list)"),
     ],
@@ -324,6 +385,7 @@ def test_yaml_1_1_exponent_strings_are_read_as_floats(tmp_path):
 
 ENUMS = {
     "run.device": "auto, cpu, cuda",
+    "run.wandb": "off, offline, online",
     "inner.optimizer": "adamw, sgd, muon",
     "inner.schedule": "constant, cosine, wsd",
     "outer.method": "nesterov, sgd, ema_nesterov, none",
@@ -338,6 +400,15 @@ ENUMS = {
 @pytest.mark.parametrize(("key", "allowed"), ENUMS.items(), ids=list(ENUMS))
 def test_enum_lists_the_allowed_values(key, allowed):
     assert error_for({key: "adam"}) == f"{key} must be one of {allowed}; got 'adam'"
+
+
+def test_bare_off_means_off_for_a_key_that_has_an_off_choice(tmp_path):
+    assert load_config(str(write(tmp_path, "run:\n  wandb: off\n"))).run.wandb == "off"
+
+
+def test_wandb_is_off_by_default_and_takes_offline_or_online():
+    assert Config().run.wandb == "off"
+    assert load_config(overrides=["run.wandb=offline"]).run.wandb == "offline"
 
 
 def test_enum_rejects_a_yaml_bool_read_from_off(tmp_path):
@@ -399,6 +470,27 @@ def test_out_of_range_value_names_key_value_and_range(key, bad, edge, allowed):
 @pytest.mark.parametrize(("key", "bad", "edge", "allowed"), RANGES, ids=RANGE_IDS)
 def test_edge_of_the_range_is_accepted(key, bad, edge, allowed):
     config_from_dict(nested({key: edge}))
+
+
+# (key, rejected value, accepted largest value): sizes that could never be allocated
+SIZE_LIMITS = [
+    ("run.seed", 2**32, 2**32 - 1),
+    ("model.vocab_size", 2**20 + 1, 2**20),
+    ("model.block_size", 2**20 + 1, 2**20),
+    ("model.n_layer", 1025, 1024),
+    ("model.n_embd", 65537, 65536),
+    ("data.batch_size", 2**20 + 1, 2**20),
+    ("outer.compress_block", 10**11, 65536),
+    ("train.eval_batches", 100_001, 100_000),
+    ("topology.groups", 65537, 65536),
+    ("topology.shards", 65537, 65536),
+    ("topology.timeout_s", 10**20, 7 * 86400),
+]
+
+
+@pytest.mark.parametrize(("key", "bad", "edge"), SIZE_LIMITS, ids=[k for k, *_ in SIZE_LIMITS])
+def test_size_like_key_has_an_upper_limit(key, bad, edge):
+    assert error_for({key: bad}).startswith(f"{key} must be <= {edge}")
 
 
 # --- cross-field and format rules ----------------------------------------------------------------
@@ -546,6 +638,7 @@ def test_fingerprint_ignores_settings_that_do_not_change_the_maths(key):
         "run.out_dir": "elsewhere",
         "run.progress": False,
         "run.tensorboard": True,
+        "run.wandb": "offline",
         "topology.group_id": 1,
         "topology.coordinator": "10.0.0.2:29600",
     }.get(key, 99)

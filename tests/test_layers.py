@@ -30,6 +30,7 @@ PACKAGE = ROOT / "diloco"
 #: Module (or package) name prefix -> layer; the longest matching prefix decides.
 LAYERS: dict[str, int] = {
     "diloco.errors": 0,
+    "diloco.files": 0,
     "diloco.job.events": 0,
     "diloco.config": 1,
     "diloco": 2,  # the package itself: its public API is the algorithm layer's

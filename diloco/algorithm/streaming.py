@@ -202,6 +202,7 @@ class StreamingDiLoCo(DiLoCo):
         """End the period now: apply the fragment in flight, then synchronise (start and apply
         at once) every fragment whose apply offset is still ahead in this period, in index
         order. A no-op (None) right after a period boundary."""
+        self._check_not_holding_slow("sync()")
         if self.steps_in_round == 0:
             return None
         phase = self.inner_steps % self.sync_every

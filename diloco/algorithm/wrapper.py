@@ -33,7 +33,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from diloco.algorithm.outer import OUTER_METHODS, EMANesterov, Nesterov, OuterOptimizer
+from diloco.algorithm.arguments import PeakLR, check_arguments, check_holds_parameters
+from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
 from diloco.algorithm.reducer import PseudoGradientReducer, SingleGroup
 from diloco.algorithm.tensors import local_tensor
 from diloco.config import defaults
@@ -111,8 +112,10 @@ class DiLoCo:
     μ = 0.5, β_max = 0.7, γ = 0.99); the DiLoCo paper's pair is η = 0.7, μ = 0.9, and
     EMA-Nesterov's paper form η = 1 (README, "Choosing K, η, μ, β, γ").
 
-    β of the next start point is β_max · lr / initial_lr, read from the inner optimiser's first
-    param group at the outer step (the LR of the step that closed the round).
+    β of the next start point is β_max · lr / lr_peak (never above β_max), read from the inner
+    optimiser's first param group at the outer step (the LR of the step that closed the round);
+    lr_peak is the schedule's peak (:class:`~diloco.algorithm.arguments.PeakLR`). Misuse raises
+    (:mod:`~diloco.algorithm.arguments`; a step inside ``with dl.slow_weights():``).
     """
 
     def __init__(
@@ -135,16 +138,12 @@ class DiLoCo:
         fast_tensors: Callable[[], list[Tensor]] | None = None,
         after_fast_write: Callable[[], None] | None = None,
     ):
-        if outer not in OUTER_METHODS:
-            raise ValueError(f"outer must be nesterov, sgd, ema_nesterov or none; got {outer!r}")
-        if sync_every < 1:
-            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
-        if not 0 <= ema_beta < 1:
-            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
-        if offload not in defaults.OFFLOADS:
-            raise ValueError(f"offload must be 'none' or 'cpu', got {offload!r}")
-        if ema_rest_steps and total_steps is None:
-            raise ValueError("ema_rest_steps needs total_steps")
+        check_arguments(
+            outer, sync_every, ema_beta, ema_warmup_steps, ema_rest_steps, total_steps, offload,
+            max_bad_rounds,
+        )  # fmt: skip
+        if fast_tensors is None:
+            check_holds_parameters(model, inner_optimizer)
         self.model = model
         self.inner = inner_optimizer
         self.method = outer
@@ -162,9 +161,8 @@ class DiLoCo:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._fast_provider = fast_tensors
         self._after_fast_write = after_fast_write if after_fast_write is not None else _nothing
-        self._initial_lr = inner_optimizer.param_groups[0].get(
-            "initial_lr", inner_optimizer.param_groups[0]["lr"]
-        )
+        self._peak_lr = PeakLR(inner_optimizer.param_groups[0])
+        self._holding_slow = False  # inside ``with slow_weights():``
         self.outer: OuterOptimizer | None = None
         self._staging: list[Tensor] | None = None
         if outer == "none":
@@ -227,6 +225,8 @@ class DiLoCo:
 
     def _inner_step(self, closure: Any) -> None:
         """The inner optimiser's step (a closure's loss is not kept), counted."""
+        self._check_not_holding_slow("step()")
+        self._peak_lr.observe(self.inner.param_groups[0])
         if closure is not None:
             self.inner.step(closure)
         else:
@@ -239,8 +239,15 @@ class DiLoCo:
             return 0.0
         if self.total_steps is not None and n >= self.total_steps - self.ema_rest_steps:
             return 0.0
-        lr = self.inner.param_groups[0]["lr"]
-        return self.ema_beta * lr / self._initial_lr
+        return self.ema_beta * self._peak_lr.ratio(self.inner.param_groups[0])
+
+    def _check_not_holding_slow(self, what: str) -> None:
+        """Raise inside ``with slow_weights():``, whose exit would overwrite what ``what`` wrote."""
+        if self._holding_slow:
+            raise RuntimeError(
+                f"DiLoCo.{what} inside 'with dl.slow_weights():' would be lost when the block "
+                "restores the fast weights; call it after the block"
+            )
 
     @torch.no_grad()
     def sync(self) -> SyncReport | None:
@@ -249,6 +256,7 @@ class DiLoCo:
         Called by :meth:`step` every ``sync_every`` steps; call it yourself to end training on
         a partial round. A no-op (returns None) when no inner step was taken since the last sync.
         """
+        self._check_not_holding_slow("sync()")
         if self.outer is None or self.steps_in_round == 0:
             return None
         t0 = time.perf_counter()
@@ -342,19 +350,24 @@ class DiLoCo:
         Costs nothing when the fast weights already equal θ (right after a sync with no
         lookahead); otherwise one backup copy of the fast weights.
         """
-        if self.outer is None or self._fast_equals_slow():
-            yield self.model
-            return
-        with torch.no_grad():
-            backup = [t.clone() for t in self.fast_tensors()]
-            torch._foreach_copy_(self.fast_tensors(), self.slow_tensors())
-            self._after_fast_write()
+        self._check_not_holding_slow("slow_weights()")
+        self._holding_slow = True
         try:
-            yield self.model
-        finally:
+            if self.outer is None or self._fast_equals_slow():
+                yield self.model
+                return
             with torch.no_grad():
-                torch._foreach_copy_(self.fast_tensors(), backup)
+                backup = [t.clone() for t in self.fast_tensors()]
+                torch._foreach_copy_(self.fast_tensors(), self.slow_tensors())
                 self._after_fast_write()
+            try:
+                yield self.model
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.fast_tensors(), backup)
+                    self._after_fast_write()
+        finally:
+            self._holding_slow = False
 
     def _fast_equals_slow(self) -> bool:
         at_start = self.steps_in_round == 0
@@ -371,6 +384,7 @@ class DiLoCo:
             "steps_in_round": self.steps_in_round,
             "rounds": self._rounds,
             "bad_rounds": self.bad_rounds,
+            "lr_peak": self._peak_lr.peak,
         }
         if self.outer is not None:
             sd["slow"] = [t.detach().clone() for t in self.slow_tensors()]
@@ -382,12 +396,14 @@ class DiLoCo:
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the fast weights are restored too (or rebuilt as s)."""
+        self._check_not_holding_slow("load_state_dict()")
         self._check_state(sd)  # everything before changing anything
         self.inner.load_state_dict(sd["inner"])
         self.inner_steps = sd["inner_steps"]
         self.steps_in_round = sd["steps_in_round"]
         self._rounds = sd["rounds"]
         self.bad_rounds = sd["bad_rounds"]
+        self._peak_lr.peak = max(self._peak_lr.peak, sd.get("lr_peak", 0.0))
         if self.outer is None:
             return
         torch._foreach_copy_(self.slow_tensors(), sd["slow"])

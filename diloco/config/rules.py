@@ -24,28 +24,43 @@ def shown(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-_Bound = tuple[Callable[[float], bool], str]
+#: A key's allowed range: the range as the message states it when ``value`` is outside, or None.
+_Bound = Callable[[Any], "str | None"]
 
 
-def _at_least(low: int, note: str = "") -> _Bound:
-    """Allow values >= ``low``."""
-    return (lambda v: v >= low), f">= {low}{note}"
+def _at_least(low: int, note: str = "", high: int | None = None, why: str = "") -> _Bound:
+    """Allow ``low <= value`` (and ``value <= high``: a size that could not be allocated)."""
+
+    def outside(value: Any) -> str | None:
+        if value < low:
+            return f">= {low}{note}"
+        if high is not None and value > high:
+            return f"<= {high}{why}"
+        return None
+
+    return outside
 
 
-_POSITIVE: _Bound = (lambda v: v > 0), "> 0"
-_FRACTION: _Bound = (lambda v: 0 <= v < 1), "in [0, 1)"
-_CLOSED_FRACTION: _Bound = (lambda v: 0 <= v <= 1), "in [0, 1]"
+def _inside(allowed: Callable[[Any], bool], text: str) -> _Bound:
+    return lambda value: None if allowed(value) else text
 
-#: One rule per key: the allowed range of its value.
+
+_POSITIVE = _inside(lambda v: v > 0, "> 0")
+_FRACTION = _inside(lambda v: 0 <= v < 1, "in [0, 1)")
+_CLOSED_FRACTION = _inside(lambda v: 0 <= v <= 1, "in [0, 1]")
+_SIZE = 2**20  # the largest batch, sequence or vocabulary a run may ask for (about a million)
+
+#: One rule per key: the allowed range of its value. Size-like keys (they size allocations)
+#: have an upper limit too; :mod:`diloco.job.preflight` then checks the memory they add up to.
 _BOUNDS: dict[str, _Bound] = {
-    "run.seed": _at_least(0),
-    "model.vocab_size": _at_least(2),
-    "model.block_size": _at_least(1),
-    "model.n_layer": _at_least(1),
-    "model.n_head": _at_least(1),
-    "model.n_embd": _at_least(1),
+    "run.seed": _at_least(0, high=2**32 - 1),
+    "model.vocab_size": _at_least(2, high=_SIZE),
+    "model.block_size": _at_least(1, high=_SIZE),
+    "model.n_layer": _at_least(1, high=1024),
+    "model.n_head": _at_least(1, high=1024),
+    "model.n_embd": _at_least(1, high=65536),
     "model.dropout": _FRACTION,
-    "data.batch_size": _at_least(1),
+    "data.batch_size": _at_least(1, high=_SIZE),
     "inner.lr": _POSITIVE,
     "inner.weight_decay": _at_least(0),
     "inner.eps": _POSITIVE,
@@ -62,21 +77,23 @@ _BOUNDS: dict[str, _Bound] = {
     "outer.ema_gamma": _FRACTION,
     "outer.ema_warmup": _FRACTION,
     "outer.ema_rest": _FRACTION,
-    "outer.compress_block": _at_least(8),
+    "outer.compress_block": _at_least(
+        8, high=65536, why=" (one fp32 scale per block already costs under 0.01%)"
+    ),
     "outer.fragments": _at_least(1),
     "outer.sync_delay": _at_least(0),
     "outer.mix_alpha": _CLOSED_FRACTION,
     "train.steps": _at_least(1),
     "train.eval_every": _at_least(0, " (0 = only the final evaluation)"),
-    "train.eval_batches": _at_least(1),
+    "train.eval_batches": _at_least(1, high=100_000),
     "train.log_every": _at_least(1),
     "train.checkpoint_every": _at_least(0, " (0 = no checkpoints)"),
     "train.keep_last": _at_least(1),
     "train.max_bad_rounds": _at_least(1),
     "train.check_every": _at_least(1),
-    "topology.groups": _at_least(1),
-    "topology.shards": _at_least(1),
-    "topology.timeout_s": _at_least(1),
+    "topology.groups": _at_least(1, high=65536),
+    "topology.shards": _at_least(1, high=65536),
+    "topology.timeout_s": _at_least(1, high=7 * 86400, why=" (a week)"),
     "topology.min_groups": _at_least(1),
     "topology.heartbeat_timeout_s": _POSITIVE,
     "topology.join_timeout_s": _at_least(0),
@@ -100,10 +117,11 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first value out of range or inconsistent with another."""
-    for dotted, (allowed, text) in _BOUNDS.items():
+    for dotted, outside in _BOUNDS.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
-        _check(allowed(value), f"{dotted} must be {text}, got {value!r}")
+        allowed = outside(value)
+        _check(allowed is None, f"{dotted} must be {allowed}, got {value!r}")
     run, model, data, inner = cfg.run, cfg.model, cfg.data, cfg.inner
     outer, train, topology = cfg.outer, cfg.train, cfg.topology
 

@@ -20,7 +20,6 @@ import difflib
 import hashlib
 import json
 import math
-import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,9 @@ import yaml
 
 from diloco.config import defaults
 from diloco.config.rules import shown, validate
+from diloco.config.values import as_float, hint_of, override_value, read_yaml, yaml_surprise
 from diloco.errors import ConfigError
+from diloco.files import write_text_atomic
 
 __all__ = [
     "FINGERPRINT_IGNORE",
@@ -75,6 +76,12 @@ class RunConfig:
     )
     progress: bool = _field(True, "Show a progress bar.")
     tensorboard: bool = _field(False, "Also write TensorBoard event files to the run directory.")
+    wandb: str = _field(
+        "off",
+        "Also log the metrics to Weights & Biases: offline (files in RUN_DIR/wandb, to "
+        "'wandb sync' later) or online; needs pip install wandb.",
+        ("off", "offline", "online"),
+    )
 
 
 @dataclass
@@ -272,6 +279,7 @@ FINGERPRINT_IGNORE: tuple[str, ...] = (
     "run.out_dir",
     "run.progress",
     "run.tensorboard",
+    "run.wandb",
     "train.steps",
     "train.log_every",
     "train.checkpoint_every",
@@ -288,10 +296,12 @@ FINGERPRINT_IGNORE: tuple[str, ...] = (
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load the defaults, merge the YAML file at ``path`` and the ``--set`` overrides, validate.
 
-    Each override is ``section.key=value``; the value is parsed as YAML, so ``true``, ``3e-4`` and
-    ``[0.9, 0.95]`` work. Raises :class:`ConfigError` for any problem.
+    Each override is ``section.key=value``; the value is parsed by the key's type
+    (:func:`~diloco.config.values.override_value`): a string key takes the text as typed,
+    numbers and booleans (``true``/``false``) are parsed strictly, lists and mappings as YAML
+    (``[0.9, 0.95]``). Raises :class:`ConfigError` for any problem.
     """
-    sections = _sections(_read_yaml(Path(path)), f"config file '{path}'") if path else {}
+    sections = _sections(read_yaml(Path(path)), f"config file '{path}'") if path else {}
     for override in overrides:
         _apply_override(sections, override)
     return config_from_dict(sections)
@@ -324,7 +334,8 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    path.write_text("# Resolved diloco config (defaults + config file + --set overrides).\n" + text)
+    header = "# Resolved diloco config (defaults + config file + --set overrides).\n"
+    write_text_atomic(path, header + text)
 
 
 def config_fingerprint(cfg: Config, ignore: Sequence[str] = FINGERPRINT_IGNORE) -> str:
@@ -356,22 +367,6 @@ def config_reference() -> str:
 # --- reading and merging -------------------------------------------------------------------------
 
 
-def _read_yaml(path: Path) -> Any:
-    """Parse the YAML file at ``path``; missing, unreadable or malformed files raise ConfigError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: '{path}'") from None
-    except (OSError, UnicodeError) as exc:
-        raise ConfigError(f"cannot read config file '{path}': {exc}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(exc)}") from None
-
-
 def _sections(data: Any, origin: str) -> dict[str, dict[str, Any]]:
     """Copy ``data`` as ``{section: {key: value}}``, rejecting unknown or malformed sections.
 
@@ -400,7 +395,7 @@ def _sections(data: Any, origin: str) -> dict[str, dict[str, Any]]:
 
 
 def _apply_override(sections: dict[str, dict[str, Any]], override: str) -> None:
-    """Set one ``section.key=value`` override (value parsed as YAML) into ``sections``."""
+    """Set one ``section.key=value`` override (value parsed by the key's type) into ``sections``."""
     dotted, eq, text = override.partition("=")
     dotted = dotted.strip()
     name, dot, key = dotted.partition(".")
@@ -411,10 +406,7 @@ def _apply_override(sections: dict[str, dict[str, Any]], override: str) -> None:
             f"--set {override!r} is not of the form --set section.key=value "
             f"(e.g. --set outer.sync_every=32){hint}"
         )
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {override!r}: invalid YAML value: {_yaml_problem(exc)}") from None
+    value = override_value(override, text, hint_of(_TYPES, name, key))
     sections.setdefault(name, {})[key] = value
 
 
@@ -439,29 +431,16 @@ def _unknown_key(section: str, key: str) -> ConfigError:
 
 # --- types ---------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _as_float(value: Any) -> float | None:
-    """``value`` as a float if it is a number, or a numeric string such as ``3e-4``.
-
-    PyYAML follows YAML 1.1, which reads ``3e-4`` (no dot) as a string, so those are accepted.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    return None
-
 
 def _coerce(key: str, value: Any, hint: Any, choices: tuple[str, ...]) -> Any:
     """Check ``value`` against a field's type (or its choices); return it in canonical form."""
     if choices:
         if isinstance(value, str) and value in choices:
             return value
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            return "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
+        surprise = yaml_surprise(value, str)
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}{surprise}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -471,7 +450,7 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple[str, ...]) -> Any:
             return value
         expected = "an integer"
     elif hint is float:
-        number = _as_float(value)
+        number = as_float(value)
         if number is not None and math.isfinite(number):
             return number
         expected = "a finite number"
@@ -486,14 +465,8 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple[str, ...]) -> Any:
         expected = "a mapping of JSON values (as in a DeepSpeed config)"
     else:  # list[float], the only other field type
         if isinstance(value, (list, tuple)):
-            numbers = [_as_float(item) for item in value]
+            numbers = [as_float(item) for item in value]
             if None not in numbers:
                 return numbers
         expected = "a list of numbers"
-    raise ConfigError(f"{key} must be {expected}, got {shown(value)}")
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """What a YAML parser error complains about, on one line and without its location."""
-    problem = getattr(exc, "problem", None) or str(exc)
-    return " ".join(problem.split())
+    raise ConfigError(f"{key} must be {expected}, got {shown(value)}{yaml_surprise(value, hint)}")

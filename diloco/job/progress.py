@@ -1,7 +1,10 @@
-"""A dependency-free progress bar: step, loss, tokens/s and ETA on one refreshed line.
+"""Progress of a run: step, loss, val loss (and how old it is), tokens/s and ETA.
 
-On a terminal the line is redrawn in place; otherwise (CI logs, files) a plain line is printed
-about every tenth of the run, so logs stay short.
+On a terminal a `tqdm <https://tqdm.github.io>`_ bar is redrawn in place; otherwise (CI logs,
+files) a plain line is printed about every tenth of the run, so logs stay short. The val loss is
+measured only every ``train.eval_every`` steps: the line shows it bare on the step it was
+measured and as ``val 3.21 (step 500)`` afterwards. Only the main rank shows progress (the
+caller passes ``enabled``).
 """
 
 from __future__ import annotations
@@ -10,52 +13,60 @@ import sys
 import time
 from typing import TextIO
 
+from tqdm import tqdm
+
 __all__ = ["ProgressBar"]
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 class ProgressBar:
-    """``update(step, **fields)`` after each logged step; ``close()`` at the end."""
+    """:meth:`set_val` after each evaluation, :meth:`update` after each logged step,
+    :meth:`close` at the end. ``start``: the step a resumed run continues after."""
 
     def __init__(
         self, total: int, enabled: bool = True, stream: TextIO | None = None, start: int = 0
     ):
-        self.total = total
-        self.enabled = enabled
+        self.total, self.enabled, self.start = total, enabled, start
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.start_step = start
         self.start_time = time.perf_counter()
+        self._val: tuple[int, float] | None = None  # (step, val loss)
         self._next_plain = start
-        self._width = 24
+        self._bar = None
+        if enabled and self.stream.isatty():
+            self._bar = tqdm(
+                total=total, initial=start, file=self.stream, unit="step", dynamic_ncols=True
+            )
 
-    def update(self, step: int, **fields: float | str) -> None:
+    def set_val(self, step: int, val_loss: float) -> None:
+        """The val loss measured after ``step`` (shown bare at that step, with its step later)."""
+        self._val = (step, val_loss)
+
+    def fields(self, step: int, loss: float, tokens_per_s: float) -> str:
+        """``loss 2.31 val 2.4 (step 100) tok/s 5120``."""
+        text = f"loss {loss:.4g}"
+        if self._val is not None:
+            at, val = self._val
+            text += f" val {val:.4g}" + ("" if at == step else f" (step {at})")
+        return text + f" tok/s {tokens_per_s:.0f}"
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        """Show the state after ``step``."""
         if not self.enabled:
             return
+        fields = self.fields(step, loss, tokens_per_s)
+        if self._bar is not None:
+            self._bar.set_postfix_str(fields, refresh=False)
+            self._bar.update(step - self._bar.n)
+            return
+        if step < self._next_plain and step != self.total:
+            return
         elapsed = time.perf_counter() - self.start_time
-        done = step - self.start_step
+        done = step - self.start
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
-        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
-        text = (
-            f"{step}/{self.total} " + " ".join(parts) + f" | {_duration(elapsed)}<{_duration(eta)}"
-        )
-        if self.tty:
-            filled = int(self._width * step / max(1, self.total))
-            bar = "#" * filled + "." * (self._width - filled)
-            self.stream.write(f"\r[{bar}] {text}\033[K")
-            self.stream.flush()
-        elif step >= self._next_plain or step == self.total:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            self._next_plain = step + max(1, self.total // 10)
+        times = f"{tqdm.format_interval(elapsed)}<{tqdm.format_interval(eta)}"
+        self.stream.write(f"{step}/{self.total} {fields} | {times}\n")
+        self.stream.flush()
+        self._next_plain = step + max(1, self.total // 10)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()

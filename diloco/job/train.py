@@ -27,11 +27,12 @@ Observers (the tests' fault injection) see the job only through :mod:`diloco.job
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,17 +45,20 @@ from diloco.algorithm.streaming import StreamingDiLoCo
 from diloco.algorithm.wrapper import DiLoCo, SyncReport
 from diloco.comm.elastic.quorum import RunFinished
 from diloco.comm.topology import Runtime, init_runtime
-from diloco.config import Config, config_fingerprint, dump_config
+from diloco.config import Config, config_fingerprint, config_to_dict, dump_config
 from diloco.errors import ConfigError, TopologyError, note, warn
+from diloco.files import write_atomic, write_text_atomic
 from diloco.job import events
 from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
 from diloco.job.elastic import GroupState, elastic_summary, group_config
 from diloco.job.inner import build_inner_optimizer, build_scheduler
 from diloco.job.metrics import MetricsLogger, peak_rss_mb
+from diloco.job.preflight import check_device, check_memory, check_packages
 from diloco.job.progress import ProgressBar
 from diloco.models import GPT, GPTConfig
 from diloco.persist.checkpoint import Checkpointer
-from diloco.persist.resume import plan_resume
+from diloco.persist.resume import plan_resume, read_meta
+from diloco.persist.rundir import RunLock, check_out_dir, guard_finished
 from diloco.testing import faults
 
 __all__ = ["train", "build_model", "build_inner", "build_diloco", "evaluate"]
@@ -208,9 +212,7 @@ def _save_final_model(model: nn.Module, dl: DiLoCo, runtime: Runtime, path: Path
         # Written inside the block: unsharded, ``state`` holds views of the parameters, which
         # get the fast weights back on exit (they differ from θ with streaming fragments).
         if runtime.is_main:
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            tmp.replace(path)
+            write_atomic(path, lambda f: torch.save(state, f))
 
 
 def _maybe_checkpoint(
@@ -225,16 +227,28 @@ def _maybe_checkpoint(
             on_checkpoint(ckpt.root / f"step_{step}")
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
+@contextlib.contextmanager
+def _run_dir(out_dir: Path, is_main: bool) -> Iterator[None]:
+    """The main rank creates ``out_dir`` and holds its :class:`RunLock` for the run's lifetime;
+    a directory this created is removed again if the run fails before writing anything."""
+    if not is_main:
+        yield
+        return
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        lock = RunLock(out_dir).acquire()
     except OSError as e:
         raise ConfigError(
             f"run.out_dir={str(out_dir)!r} is not writable ({e.strerror}); choose another directory"
         ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if empty: the run wrote nothing
 
 
 #: Hooks for a launcher (Ray): called on every rank, in the same order, so they may hold a
@@ -260,6 +274,10 @@ def train(
     when a ``DILOCO_TEST_*`` variable asks for it (:mod:`diloco.testing.faults`).
     """
     faults.install_from_env()
+    check_out_dir(cfg.run.out_dir)  # the input and the machine first, before any work
+    check_device(cfg.run.device)
+    check_packages(cfg)
+    check_memory(cfg)
     o = cfg.outer
     if cfg.topology.elastic:
         from diloco.comm.elastic.runtime import init_elastic_runtime
@@ -274,8 +292,9 @@ def train(
         msg = f"outer.compress={o.compress} does nothing with one group (nothing is exchanged)"
         warn(msg, runtime.is_main)
     try:
-        summary = _train(cfg, runtime, resume, force, on_log, on_checkpoint)
-        runtime.barrier()  # no rank tears its process group down while another still talks
+        with _run_dir(Path(cfg.run.out_dir), runtime.is_main):
+            summary = _train(cfg, runtime, resume, force, on_log, on_checkpoint)
+            runtime.barrier()  # no rank tears its process group down while another still talks
         return summary
     except RunFinished as e:  # an elastic group that came back after the last round
         note(str(e), runtime.is_main)
@@ -327,9 +346,9 @@ def _train(
     on_checkpoint: OnCheckpoint = None,
 ) -> dict[str, Any]:
     out_dir = Path(cfg.run.out_dir)
-    resume_from = plan_resume(cfg, resume, force, runtime.is_main)  # read-only checks first
-    if runtime.is_main:
-        _prepare_out_dir(out_dir)
+    resume_from = plan_resume(cfg, resume, force, runtime.is_main)
+    continues = resume_from is not None and read_meta(resume_from)["step"] < cfg.train.steps
+    guard_finished(out_dir, continues, force, runtime.is_main)
     seq_len = cfg.model.block_size
     corpus = load_corpus(cfg.data.source, seq_len)
     deepspeed = cfg.inner.engine == "deepspeed"
@@ -356,7 +375,9 @@ def _train(
 
     steps, tc = cfg.train.steps, cfg.train
     tokens_per_step = cfg.data.batch_size * seq_len * runtime.groups
-    logger = MetricsLogger(out_dir, runtime.is_main, cfg.run.tensorboard)
+    logger = MetricsLogger(
+        out_dir, runtime.is_main, cfg.run.tensorboard, cfg.run.wandb, config_to_dict(cfg)
+    )
     logger.truncate_after(first_step - 1 if resumed else -1)  # drop what a crashed run logged
     bar = ProgressBar(steps, enabled=runtime.is_main and cfg.run.progress, start=first_step - 1)
     timers = _Timers()
@@ -366,6 +387,7 @@ def _train(
     if resumed is None:
         val_loss = evaluate(model, val, runtime)
         record0 = {"step": 0, "outer_step": 0, "tokens": 0, "val_loss": val_loss, **start_check}
+        bar.set_val(0, val_loss)
         logger.log(record0)
         if on_log is not None:
             on_log(record0)
@@ -442,10 +464,11 @@ def _train(
             with dl.slow_weights(), runtime.busy():
                 val_loss = evaluate(model, val, runtime)
             record["val_loss"] = val_loss
+            bar.set_val(step, val_loss)
         logger.log(record)
         if on_log is not None:
             on_log(record)
-        bar.update(step, loss=record["loss"], val=val_loss, tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(step, record["loss"], record["tokens_per_s"])
         window_start, window_tokens = time.perf_counter(), 0
         _maybe_checkpoint(ckpt, step, val_loss, round_fields, on_checkpoint)
     bar.close()
@@ -470,5 +493,5 @@ def _train(
     if runtime.elastic:
         summary.update(elastic_summary(elastic_rounds, runtime, dl))
     if runtime.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

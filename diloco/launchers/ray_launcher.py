@@ -44,6 +44,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ from typing import Any
 
 from diloco.config import Config, config_to_dict, load_config
 from diloco.errors import ConfigError, DilocoError
+from diloco.files import read_json, write_text_atomic
 from diloco.launchers.ray_plan import (
     RayLaunchError,
     WorkerPlan,
@@ -145,6 +147,24 @@ def _worker_env(plan: WorkerPlan) -> dict[str, str]:
     return env
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds, in one line, where ``ray.init`` would retry an address forever."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RayLaunchError(
+            f"--address {address!r} is not local, auto, host:port or ray://host:port"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayLaunchError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start it with "
+            "'ray start --head' or fix --address / RAY_ADDRESS"
+        ) from None
+
+
 def _run_name(out_dir: Path) -> str:
     return f"{out_dir.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
@@ -202,6 +222,8 @@ def launch_ray(
         plan = plan_workers(cfg, cpus_per_worker, gpus_available=gpus > 0)
         # The cluster is sized from the topology; only GPUs can be missing.
         check_resources(plan, [{"CPU": plan.cpus_per_worker * plan.workers, "GPU": float(gpus)}])
+    elif not connected:
+        _check_reachable(address)
     ray = _import_ray()
     started = False
     t0 = time.perf_counter()
@@ -305,10 +327,10 @@ def _fit(
     finally:  # snapshots whose upload a failure cut short
         shutil.rmtree(ray_dir / f"{name}.staging", ignore_errors=True)
     summary_path = out_dir / "summary.json"  # rank 0's; the driver adds Ray's two timings
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary = read_json(summary_path)
     summary["ray_init_s"] = init_s
     summary["ray_fit_s"] = time.perf_counter() - t0
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -46,12 +46,12 @@ from diloco.algorithm.tensors import local_tensor
 from diloco.algorithm.wrapper import DiLoCo
 from diloco.config import Config, config_fingerprint, config_to_dict
 from diloco.errors import CheckpointError, note, warn
+from diloco.files import fsync_dir
 from diloco.job import events
 from diloco.persist.checkpoint_files import (
     dcp_keys,
     dcp_save,
     dcp_view,
-    fsync_dir,
     load_dcp,
     rng_state,
     save_synced,

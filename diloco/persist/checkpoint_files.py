@@ -24,7 +24,6 @@ __all__ = [
     "dcp_keys",
     "dcp_save",
     "dcp_view",
-    "fsync_dir",
     "load_dcp",
     "one_line",
     "rng_state",
@@ -163,12 +162,3 @@ def write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush directory ``path``'s entries (a rename into it) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from diloco.errors import CheckpointError, DilocoError
+from diloco.files import write_atomic
 from diloco.persist.checkpoint_files import load_dcp
 from diloco.persist.resume import CHECKPOINTS, config_of, newest_checkpoint, read_meta
 
@@ -44,7 +45,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]
         raise DilocoError(f"--out {out}: the file name must end in .safetensors or .pt")
     if out.suffix == ".safetensors":
         try:
-            from safetensors.torch import save_file
+            from safetensors.torch import save as to_bytes
         except ImportError:
             raise DilocoError(
                 "writing .safetensors needs the safetensors package (pip install safetensors); "
@@ -52,19 +53,17 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]
             ) from None
     ckpt, meta = _find(Path(run_dir))
     state = gpt_state_dict(ckpt, meta)
-    tmp = out.with_name(out.name + ".tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".safetensors":
-            cfg = config_of(meta)
-            info = {"diloco_model": json.dumps(dataclasses.asdict(cfg.model))}
-            info["diloco_step"] = str(meta["step"])
-            save_file(state, str(tmp), metadata=info)
-        else:
-            torch.save(state, tmp)
-        tmp.replace(out)
     except OSError as e:
         raise DilocoError(f"cannot write {out}: {e.strerror or e}") from None
+    if out.suffix == ".safetensors":
+        cfg = config_of(meta)
+        info = {"diloco_model": json.dumps(dataclasses.asdict(cfg.model))}
+        info["diloco_step"] = str(meta["step"])
+        write_atomic(out, lambda f: f.write(to_bytes(state, metadata=info)))
+    else:
+        write_atomic(out, lambda f: torch.save(state, f))
     params = sum(t.numel() for k, t in state.items() if k != "lm_head.weight")
     return {"checkpoint": str(ckpt), "step": meta["step"], "params": params, "out": str(out)}
 

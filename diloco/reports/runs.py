@@ -8,7 +8,6 @@ legends and tables. Used by ``diloco plot`` and ``diloco summary``; does not imp
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from diloco.errors import DilocoError
+from diloco.files import read_json
 from diloco.job.metrics import read_metrics
 
 __all__ = ["Run", "load_run", "method_label"]
@@ -84,13 +84,12 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
         raise DilocoError(
             f"'{path}' has no metrics.jsonl; pass the run.out_dir of a diloco train run"
         )
-    try:
-        metrics = read_metrics(metrics_path)
-    except (OSError, ValueError) as e:
-        raise DilocoError(f"cannot read '{metrics_path}': {e}") from None
+    metrics = read_metrics(metrics_path)
     config = _read_yaml(path / "config.yaml")
     summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    summary = read_json(summary_path) if summary_path.is_file() else {}
+    if not isinstance(summary, dict):
+        raise DilocoError(f"{summary_path} is damaged (not a JSON object)")
     return Run(path, label or method_label(config), config, metrics, summary)
 
 
