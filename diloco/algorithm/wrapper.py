@@ -12,7 +12,8 @@ inner steps, the pseudo-gradient Δ = s − φ is formed *in the fast weights' o
 averaged across worker groups by the reducer (no-op for one group: SNOO), handed to the outer
 optimiser as the ``.grad`` of the slow weights θ, and the new start point s is written back into
 the fast weights. Per round that is one elementwise pass to form Δ, the outer update, and one copy
-into the fast weights; no parameter-sized temporary is allocated (except with ``offload``).
+into the fast weights; no parameter-sized temporary is allocated (with ``offload``, one host
+staging copy, allocated at the first sync and reused).
 
 All tensors are *local*: a plain parameter in one process, ``DTensor.to_local()`` (this rank's
 FSDP2 shard) when sharded, so nothing is gathered. An engine that keeps its trainable weights
@@ -166,15 +167,16 @@ class DiLoCo:
             "initial_lr", inner_optimizer.param_groups[0]["lr"]
         )
         self.outer: OuterOptimizer | None = None
+        #: ``"cpu"``: θ and the outer state live in host memory (:meth:`sync` works on a host
+        #: staging copy of the fast weights, allocated at the first sync).
+        self.offload = offload
+        self._pin = offload == "cpu" and torch.cuda.is_available()
         self._staging: list[Tensor] | None = None
         if outer == "none":
             return
         host = offload == "cpu"
-        pin = host and torch.cuda.is_available()
         sources = self.params if fast_tensors is None else fast_tensors()
-        slow = [self._clone_local(p, "cpu" if host else None, pin) for p in sources]
-        if host:
-            self._staging = [torch.empty_like(t, pin_memory=pin) for t in slow]
+        slow = [self._clone_local(p, "cpu" if host else None, self._pin) for p in sources]
         if outer == "ema_nesterov":
             self.outer = EMANesterov(slow, lr=outer_lr, gamma=ema_gamma, ema_init=ema_init)
         else:
@@ -254,7 +256,7 @@ class DiLoCo:
         t0 = time.perf_counter()
         fast = self.fast_tensors()
         slow = self.slow_tensors()
-        work = fast if self._staging is None else self._staging
+        work = fast if self.offload == "none" else self._staging_copy()
         if work is not fast:
             torch._foreach_copy_(work, fast)
         # Δ = s − φ in place: work ← θ − φ (+ β·m for EMA-Nesterov).
@@ -280,6 +282,13 @@ class DiLoCo:
         self._after_fast_write()
         t3 = time.perf_counter()
         return self._close_round(norm, skipped, t1 - t0, t2 - t1, t3 - t2, reducer_stats)
+
+    def _staging_copy(self) -> list[Tensor]:
+        """The host buffers (shaped like θ; pinned with CUDA) in which an offloaded :meth:`sync`
+        forms Δ and the start point; allocated once, at the first use."""
+        if self._staging is None:
+            self._staging = [torch.empty_like(t, pin_memory=self._pin) for t in self.slow_tensors()]
+        return self._staging
 
     def _close_round(
         self,
@@ -416,11 +425,12 @@ class DiLoCo:
 
     def _restart_all(self, fast: list[Tensor]) -> None:
         """fast ← s, the start point of the next round (through the staging copy if offloaded)."""
-        if self._staging is None:
+        if self.offload == "none":
             self.outer.write_start(fast)
         else:
-            self.outer.write_start(self._staging)
-            torch._foreach_copy_(fast, self._staging)
+            staging = self._staging_copy()
+            self.outer.write_start(staging)
+            torch._foreach_copy_(fast, staging, non_blocking=True)
 
     # ------------------------------------------------------------------ shared state
     def shared_tensors(self) -> list[Tensor]:
