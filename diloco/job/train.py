@@ -318,6 +318,21 @@ def _forward_backward(
     return loss
 
 
+def _clip(model: nn.Module, max_norm: float) -> Tensor | None:
+    """Clip the gradients to a global norm of ``max_norm`` (0: no clipping); returns the norm
+    before clipping (None without clipping), over the whole model and every shard of the group
+    (a DTensor with FSDP2: read it with :func:`_as_float` on every rank at the same step)."""
+    if not max_norm:
+        return None
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _as_float(t: Tensor) -> float:
+    """A scalar tensor's value; a sharded DTensor's full value (a collective)."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return float(full_tensor() if full_tensor is not None else t)
+
+
 def _train(
     cfg: Config,
     runtime: Runtime,
@@ -382,8 +397,7 @@ def _train(
         x, y = shard_batch(*stream.next(), runtime.shard, runtime.shards)
         loss = _forward_backward(runtime, model, dl, x, y, deepspeed)
         events.emit("after_backward", step=step, dl=dl, rank=runtime.rank, world=runtime.world)
-        if cfg.inner.grad_clip and not deepspeed:  # DeepSpeed's own step clips
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.inner.grad_clip)
+        grad_norm = _clip(model, cfg.inner.grad_clip) if not deepspeed else None  # DS clips
         lr = dl.inner.param_groups[-1]["lr"]
         report = dl.step()
         if report is None and step == steps:
@@ -436,6 +450,8 @@ def _train(
         }
         if not math.isfinite(record["loss"]):
             record["loss_nonfinite"] = True
+        if grad_norm is not None:
+            record["grad_norm"] = _as_float(grad_norm)
         record.update(round_fields)
         round_fields = {}
         if eval_now:
