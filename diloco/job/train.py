@@ -376,7 +376,6 @@ def _train(
     bar = ProgressBar(steps, enabled=runtime.is_main and cfg.run.progress, start=first_step - 1)
     timers = _Timers()
     start = time.perf_counter()
-    window_start, window_tokens = start, 0
     round_fields: dict[str, float] = {}
     if resumed is None:
         val_loss = evaluate(model, val, runtime)
@@ -387,6 +386,7 @@ def _train(
     else:  # the checkpointed run logged every step up to the checkpoint
         val_loss = resumed["loop"]["val_loss"]
         round_fields = resumed["loop"]["round_fields"]
+    window_start, window_tokens = time.perf_counter(), 0  # the first window: after step 0's eval
     model.train()
     elastic_rounds: list[dict[str, Any]] = []
     step = first_step - 1
@@ -474,8 +474,8 @@ def _train(
         "final_val_loss": val_loss,
         "steps": steps,
         "tokens": steps * tokens_per_step,
-        "wall_s": wall,
-        "tokens_per_s": steps * tokens_per_step / wall,
+        "wall_s": wall,  # this process's (a resumed run: since the resume)
+        "tokens_per_s": (steps - first_step + 1) * tokens_per_step / wall,
         "peak_rss_mb": peak_rss_mb(),
         "method": cfg.outer.method,
         "groups": runtime.groups,
