@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 
-from diloco.errors import DilocoError
+from diloco.errors import DilocoError, report_error, write_line
 
 __all__ = ["main"]
-
-_RANK_ERROR_GRACE_S = 2.0
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -213,14 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DilocoError as e:
-        print(f"diloco: error: {e}", file=sys.stderr, flush=True)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # The other ranks usually hit the same error; give them time to say so before the
-            # launcher (torchrun) stops every rank once the first one exits.
-            time.sleep(_RANK_ERROR_GRACE_S)
+        report_error(e)  # one line; under torchrun, once every rank of the node said its own
         return 2
     except KeyboardInterrupt:
-        print("diloco: interrupted", file=sys.stderr)
+        write_line("diloco: interrupted")
         return 130
 
 

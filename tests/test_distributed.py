@@ -13,7 +13,9 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ from diloco.job.data import BatchStream, eval_batches, load_corpus
 from diloco.job.inner import build_inner_optimizer, build_scheduler
 from diloco.job.metrics import read_metrics
 from diloco.job.train import build_model, train
+from diloco.launchers.local import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -340,6 +343,72 @@ def test_bad_topology_fails_on_every_rank_with_one_line(tmp_path, nproc, overrid
     errors = [line for line in result.stderr.splitlines() if line.startswith("diloco: error:")]
     assert len(errors) == nproc, result.stderr[-3000:]
     assert all(message in line for line in errors), errors
+
+
+SLOW_RANK = textwrap.dedent(
+    """
+    # Run by torchrun: rank 1 starts 8 s late; then every rank fails on the same config error.
+    import os, sys, time
+    if os.environ["RANK"] == "1":
+        time.sleep(8)
+    from diloco.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_late_rank_still_reports_its_error_before_the_job_stops(tmp_path):
+    """The first failing rank waits until every rank of its node has written its line (not a
+    fixed grace: a rank 8 s late still gets its say) before torchrun stops the others."""
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK)
+    bad = ["--set", "topology.shards=2", "--set", "data.batch_size=7"]
+    result = run_torchrun_script(2, script, "train", *bad, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("diloco: error:")]
+    assert len(errors) == 2, result.stderr[-3000:]
+
+
+WRITER = textwrap.dedent(
+    """
+    # Run with PYTHONUNBUFFERED=1, its stderr shared with other writers: says it is ready on
+    # stdout, waits for the go on stdin, then writes its warnings.
+    import sys
+    from diloco.errors import warn
+    print("ready", flush=True)
+    sys.stdin.read(1)
+    for i in range(int(sys.argv[2])):
+        warn(f"writer {sys.argv[1]} line {i} " + "x" * 40)
+    """
+)
+
+
+def test_message_lines_of_processes_sharing_stderr_never_merge(tmp_path):
+    """Each message line is written with one write: 6 unbuffered processes writing 2000
+    warnings each into one pipe at once give 12000 whole lines (``print`` writes the text and
+    the newline apart: hundreds of merged lines)."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    read, write = os.pipe()
+    env = child_env({"PYTHONUNBUFFERED": "1"})
+    writers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(w), "2000"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=write, env=env, text=True,
+        )
+        for w in range(6)
+    ]  # fmt: skip
+    os.close(write)
+    assert [w.stdout.readline() for w in writers] == ["ready\n"] * 6
+    for w in writers:  # all at once
+        w.stdin.write("go")
+        w.stdin.close()
+    with os.fdopen(read, encoding="utf-8") as pipe:
+        lines = pipe.read().splitlines()
+    assert [w.wait(60) for w in writers] == [0] * 6
+    whole = re.compile(r"diloco: warning: writer \d line \d+ x{40}")
+    merged = [line for line in lines if not whole.fullmatch(line)]
+    assert len(lines) == 12000 and not merged, (len(merged), merged[:3])
 
 
 REDUCER_CHECKS = textwrap.dedent(
