@@ -99,6 +99,13 @@ class DataConfig:
         "Corpus: embedded (small built-in text), text:PATH (a UTF-8 file, byte tokens) or "
         "bin:GLOB (uint16 token shards).",
     )
+    val_source: str = _field(
+        "auto",
+        "Validation tokens: auto (the *_val_* shards beside a bin:..._train_... glob when they "
+        "exist, else heldout), heldout (held out from data.source: its last bin shard, the last "
+        "10% of a single shard or text file, the embedded val files), or text:PATH / bin:GLOB "
+        "(read whole; data.source then trains on all of its tokens).",
+    )
     batch_size: int = _field(
         16, "Sequences per inner step per group (the group batch), split evenly across its shards."
     )

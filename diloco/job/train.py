@@ -346,13 +346,12 @@ def _train(
     if runtime.is_main:
         _prepare_out_dir(out_dir)
     seq_len = cfg.model.block_size
-    corpus = load_corpus(cfg.data.source, seq_len)
+    corpus = load_corpus(cfg.data.source, seq_len, cfg.data.val_source)
     deepspeed = cfg.inner.engine == "deepspeed"
     model, dl, scheduler, make_checkpointer = _build_engine(cfg, runtime, corpus.vocab_size)
-    stream = BatchStream(
-        corpus.train, cfg.data.batch_size, seq_len, cfg.run.seed, stream=runtime.group
-    )
-    val = eval_batches(corpus.val, cfg.data.batch_size, seq_len, cfg.train.eval_batches)
+    B, vocab = cfg.data.batch_size, cfg.model.vocab_size
+    stream = BatchStream(corpus.train, B, seq_len, cfg.run.seed, runtime.group, vocab)
+    val = eval_batches(corpus.val, B, seq_len, cfg.train.eval_batches, vocab)
     torch.manual_seed(cfg.run.seed + 1000 * runtime.group + runtime.shard)  # dropout streams
     # An elastic group checkpoints on its own, into its own directory, as its "group 0".
     view = dataclasses.replace(runtime, group=0) if runtime.elastic else runtime
