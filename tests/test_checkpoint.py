@@ -310,3 +310,29 @@ def test_nan_rounds_in_a_row_abort_with_one_clear_line(corpus, tmp_path, monkeyp
 def test_meta_json_is_plain_json(reference):
     meta = json.loads((list_checkpoints(reference[0])[0] / "meta.json").read_text())
     assert meta["loop"]["val_loss"] == reference[1]["final_val_loss"]
+
+
+def test_offloaded_state_is_saved_from_and_loaded_into_host_memory(tmp_path):
+    """θ kept on the host (``outer.offload=cpu``) beside a sharded parameter on a device (the
+    meta device stands in for a GPU here): its DCP target is a view of the host tensor itself
+    with the parameter's global shape, so a checkpoint is written from and read into host
+    memory, with no copy to the device and back."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from diloco.persist.checkpoint_files import dcp_save, dcp_view, load_dcp
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        device_mesh = DeviceMesh("meta", torch.arange(1), _init_backend=False)
+        param = DTensor.from_local(torch.empty(6, 4, device="meta"), device_mesh, [Shard(0)])
+        theta = torch.randn(6, 4)
+        target = dcp_view(param, theta)
+        assert target.shape == param.shape and target.to_local().data_ptr() == theta.data_ptr()
+        dcp_save({"slow": {"w": target}}, tmp_path / "outer", None)
+        restored = torch.zeros(6, 4)
+        load_dcp({"slow": {"w": dcp_view(param, restored)}}, tmp_path / "outer")
+        assert torch.equal(restored, theta)
+    finally:
+        dist.destroy_process_group()
