@@ -45,7 +45,6 @@ this period; fragments applied earlier in the period are left as they are.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -220,24 +219,24 @@ class StreamingDiLoCo(DiLoCo):
 
     def _start(self, i: int) -> None:
         """Δ_i = s_i − φ_i into the buffer (as DiLoCo forms it in place), start its average."""
-        t0 = time.perf_counter()
+        t0 = self._now()
         work = self._views[i]
         torch._foreach_copy_(work, self._fast(i))
         torch._foreach_mul_(work, -1.0)
         torch._foreach_add_(work, self.outer.slow_tensors(i))
         self.outer.add_lookahead(work, group=i)
-        t1 = time.perf_counter()
+        t1 = self._now()
         handle = self.reducer.start_average(work, self.fragment_params[i])
-        t2 = time.perf_counter()
+        t2 = self._now()
         self._in_flight[i] = _InFlight(handle, self.inner_steps, t1 - t0, t2 - t1)
         self.events.append((self.inner_steps, i, "start"))
 
     def _apply(self, i: int) -> None:
         """Wait for fragment i's average, take its outer step, restart its fast weights."""
         job = self._in_flight.pop(i)
-        t0 = time.perf_counter()
+        t0 = self._now()
         stats = job.handle.wait()
-        t1 = time.perf_counter()
+        t1 = self._now()
         work = self._views[i]
         sq = self._squared_norm(work)
         slow = self.outer.slow_tensors(i)
@@ -255,7 +254,7 @@ class StreamingDiLoCo(DiLoCo):
             self._period.skipped = True
             self._write_start(i, fast)
         self._after_fast_write()
-        t2 = time.perf_counter()
+        t2 = self._now()
         p = self._period
         p.sq.append(sq)
         p.delta_s += job.delta_s

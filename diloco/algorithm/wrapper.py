@@ -161,15 +161,14 @@ class DiLoCo:
         self.bad_rounds = 0
         self._rounds = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._cuda = any(p.is_cuda for p in self.params)
         self._fast_provider = fast_tensors
         self._after_fast_write = after_fast_write if after_fast_write is not None else _nothing
         self._initial_lr = inner_optimizer.param_groups[0].get(
             "initial_lr", inner_optimizer.param_groups[0]["lr"]
         )
         self.outer: OuterOptimizer | None = None
-        #: ``"cpu"``: θ and the outer state live in host memory (:meth:`sync` works on a host
-        #: staging copy of the fast weights, allocated at the first sync).
-        self.offload = offload
+        self.offload = offload  # "cpu": sync() works on a host staging copy of φ
         self._pin = offload == "cpu" and torch.cuda.is_available()
         self._staging: list[Tensor] | None = None
         if outer == "none":
@@ -253,7 +252,7 @@ class DiLoCo:
         """
         if self.outer is None or self.steps_in_round == 0:
             return None
-        t0 = time.perf_counter()
+        t0 = self._now()
         fast = self.fast_tensors()
         slow = self.slow_tensors()
         work = fast if self.offload == "none" else self._staging_copy()
@@ -263,9 +262,9 @@ class DiLoCo:
         torch._foreach_mul_(work, -1.0)
         torch._foreach_add_(work, slow)
         self.outer.add_lookahead(work)
-        t1 = time.perf_counter()
+        t1 = self._now()
         reducer_stats = self._average(work, fast)
-        t2 = time.perf_counter()
+        t2 = self._now()
         norm = self._global_norm(work)
         skipped = not math.isfinite(norm)
         if not skipped:
@@ -280,12 +279,18 @@ class DiLoCo:
         if work is not fast:
             torch._foreach_copy_(fast, work, non_blocking=True)
         self._after_fast_write()
-        t3 = time.perf_counter()
+        t3 = self._now()
         return self._close_round(norm, skipped, t1 - t0, t2 - t1, t3 - t2, reducer_stats)
 
+    def _now(self) -> float:
+        """``perf_counter()`` once the device has run everything queued (CUDA runs kernels
+        asynchronously): a round's times then hold its own kernels, not the inner steps'."""
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def _staging_copy(self) -> list[Tensor]:
-        """The host buffers (shaped like θ; pinned with CUDA) in which an offloaded :meth:`sync`
-        forms Δ and the start point; allocated once, at the first use."""
+        """Host buffers like θ (pinned with CUDA) for Δ and s when offloaded; made once."""
         if self._staging is None:
             self._staging = [torch.empty_like(t, pin_memory=self._pin) for t in self.slow_tensors()]
         return self._staging

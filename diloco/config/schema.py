@@ -222,6 +222,11 @@ class TrainConfig:
         "Consecutive rounds with a non-finite loss or update before the run stops.",
     )
     check_every: int = _field(10, "Rounds between cross-group weight checksums.")
+    compile: bool = _field(
+        False,
+        "torch.compile each transformer block and the LM head + loss (inductor; the first steps "
+        "compile). On in the CUDA configs.",
+    )
 
 
 @dataclass
