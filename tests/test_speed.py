@@ -4,17 +4,21 @@ batch prefetcher, and the device metrics (MFU, memory, timings) of :mod:`diloco.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from diloco.bench.gpu_check import CONFIG
 from diloco.config import load_config
 from diloco.job.batches import Prefetcher
 from diloco.job.data import BatchStream, shard_batch
 from diloco.job.device import Clock, flops_per_token, memory_fields, mfu, peak_bf16_flops
 from diloco.job.metrics import read_metrics
 from diloco.job.train import train
+from diloco.launchers.local import child_env
 from diloco.models import GPTConfig
 
 TINY = [
@@ -110,3 +114,36 @@ def test_off_cuda_timings_are_wall_seconds_and_there_is_no_gpu_memory():
     b = clock.mark()
     assert clock.seconds(a, b) >= 0.0
     assert memory_fields(torch.device("cpu")) == {}
+
+
+def gpu_check(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "diloco.bench.gpu_check", *args]
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check runs")
+def test_gpu_check_refuses_without_cuda_in_one_line():
+    result = gpu_check("--quick")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "diloco.bench.gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False); "
+        "nothing was run"
+    ]
+
+
+def test_gpu_check_plans_adamw_and_snoo_with_and_without_compile():
+    """``--plan`` (any machine): four ``diloco train`` runs of the 124M config on CUDA."""
+    result = gpu_check("--plan", "--steps", "50", "--out", "OUT")
+    assert result.returncode == 0, result.stderr
+    runs = [line.split(" --set ") for line in result.stdout.splitlines()]
+    assert len(runs) == 4
+    assert all(r[0].endswith("-m diloco train --config " + str(CONFIG)) for r in runs)
+    assert all({"train.steps=50", "run.device=cuda"} <= set(r) for r in runs)
+    pairs = [(s, c) for r in runs for s in r if s.startswith("outer.method") for c in r
+             if c.startswith("train.compile")]  # fmt: skip
+    assert sorted(pairs) == [
+        ("outer.method=nesterov", "train.compile=false"),
+        ("outer.method=nesterov", "train.compile=true"),
+        ("outer.method=none", "train.compile=false"),
+        ("outer.method=none", "train.compile=true"),
+    ]
