@@ -101,10 +101,8 @@ class DataConfig:
     )
     val_source: str = _field(
         "auto",
-        "Validation tokens: auto (the *_val_* shards beside a bin:..._train_... glob when they "
-        "exist, else heldout), heldout (held out from data.source: its last bin shard, the last "
-        "10% of a single shard or text file, the embedded val files), or text:PATH / bin:GLOB "
-        "(read whole; data.source then trains on all of its tokens).",
+        "Validation tokens: auto (the *_val_* shards beside a bin:..._train_... glob, else "
+        "heldout), heldout (held out from data.source), or text:PATH / bin:GLOB (read whole).",
     )
     batch_size: int = _field(
         16, "Sequences per inner step per group (the group batch), split evenly across its shards."
@@ -196,15 +194,9 @@ class OuterConfig:
     compress_block: int = _field(
         256, "outer.compress=int8: elements per block sharing one fp32 scale."
     )
-    fragments: int = _field(
-        1, "Streaming: number of parameter fragments synchronised at staggered times."
-    )
-    sync_delay: int = _field(
-        0, "Streaming: inner steps the outer update may arrive late (overlapped communication)."
-    )
-    mix_alpha: float = _field(
-        0.0, "Streaming: after a sync, weights = alpha * local + (1 - alpha) * global."
-    )
+    fragments: int = _field(1, "Streaming: parameter fragments synchronised at staggered times.")
+    sync_delay: int = _field(0, "Streaming: inner steps a fragment's average may arrive late.")
+    mix_alpha: float = _field(0.0, "Streaming: post-sync weights = alpha*local + (1-alpha)*global.")
 
 
 @dataclass
@@ -222,11 +214,7 @@ class TrainConfig:
         "Consecutive rounds with a non-finite loss or update before the run stops.",
     )
     check_every: int = _field(10, "Rounds between cross-group weight checksums.")
-    compile: bool = _field(
-        False,
-        "torch.compile each transformer block and the LM head + loss (inductor; the first steps "
-        "compile). On in the CUDA configs.",
-    )
+    compile: bool = _field(False, "torch.compile the transformer blocks and the LM head + loss.")
 
 
 @dataclass
