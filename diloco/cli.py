@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 
-from diloco.errors import DilocoError
+from diloco.errors import DilocoError, report_error, write_line
 
 __all__ = ["main"]
-
-_RANK_ERROR_GRACE_S = 2.0
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -227,19 +224,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DilocoError, OSError, MemoryError) as e:
-        print(f"diloco: error: {_one_line(e)}", file=sys.stderr, flush=True)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # The other ranks usually hit the same error; give them time to say so before the
-            # launcher (torchrun) stops every rank once the first one exits.
-            time.sleep(_RANK_ERROR_GRACE_S)
+        report_error(_one_line(e))  # under torchrun: once every rank said its own
         return 2
     except KeyboardInterrupt:
-        print("diloco: interrupted", file=sys.stderr)
+        write_line("diloco: interrupted")
         return 130
     except RuntimeError as e:
         if not _out_of_memory(e):
             raise  # a bug: keep the traceback
-        print(f"diloco: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        report_error(_one_line(e))
         return 2
 
 

@@ -9,14 +9,17 @@ test-only environment variables of :mod:`diloco.testing.faults`.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import diloco.job.train as train_module
 from diloco.cli import main
 from diloco.comm.topology import Runtime
 from diloco.config import load_config
@@ -162,6 +165,34 @@ def test_finished_run_extends_with_more_steps(corpus, reference, tmp_path):
     assert summary["steps"] == 32 and list_checkpoints(out)[0].name == "step_32"
 
 
+def test_resumed_summary_counts_only_the_tokens_of_its_own_steps(corpus, reference, tmp_path):
+    """A run extended from step 24 to 32 reports 8 steps' tokens over its own wall time."""
+    out = tmp_path / "run"
+    train(load_config(None, tiny(corpus, out)))
+    summary = train(load_config(None, tiny(corpus, out, "train.steps=32")))
+    tokens_per_step = 8 * 32  # data.batch_size × model.block_size, one group
+    assert summary["tokens"] == 32 * tokens_per_step
+    assert math.isclose(summary["tokens_per_s"] * summary["wall_s"], 8 * tokens_per_step)
+
+
+def test_first_throughput_window_starts_after_the_step_0_evaluation(corpus, tmp_path, monkeypatch):
+    """tokens_per_s of the first log step measures steps 1..2 only, not the evaluation of θ
+    before step 1 (here made to take 2 s)."""
+    evaluate = train_module.evaluate
+    calls = []
+
+    def slow_first_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(2.0)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", slow_first_evaluation)
+    train(load_config(None, tiny(corpus, tmp_path / "run", "train.steps=6")))
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[1]
+    assert first["step"] == 2 and first["tokens"] / first["tokens_per_s"] < 2.0
+
+
 def test_resume_never_force_starts_over_and_keeps_old_checkpoints(corpus, reference, tmp_path):
     out = tmp_path / "run"
     train(load_config(None, tiny(corpus, out)))
@@ -279,3 +310,29 @@ def test_nan_rounds_in_a_row_abort_with_one_clear_line(corpus, tmp_path, monkeyp
 def test_meta_json_is_plain_json(reference):
     meta = json.loads((list_checkpoints(reference[0])[0] / "meta.json").read_text())
     assert meta["loop"]["val_loss"] == reference[1]["final_val_loss"]
+
+
+def test_offloaded_state_is_saved_from_and_loaded_into_host_memory(tmp_path):
+    """θ kept on the host (``outer.offload=cpu``) beside a sharded parameter on a device (the
+    meta device stands in for a GPU here): its DCP target is a view of the host tensor itself
+    with the parameter's global shape, so a checkpoint is written from and read into host
+    memory, with no copy to the device and back."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from diloco.persist.checkpoint_files import dcp_save, dcp_view, load_dcp
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        device_mesh = DeviceMesh("meta", torch.arange(1), _init_backend=False)
+        param = DTensor.from_local(torch.empty(6, 4, device="meta"), device_mesh, [Shard(0)])
+        theta = torch.randn(6, 4)
+        target = dcp_view(param, theta)
+        assert target.shape == param.shape and target.to_local().data_ptr() == theta.data_ptr()
+        dcp_save({"slow": {"w": target}}, tmp_path / "outer", None)
+        restored = torch.zeros(6, 4)
+        load_dcp({"slow": {"w": dcp_view(param, restored)}}, tmp_path / "outer")
+        assert torch.equal(restored, theta)
+    finally:
+        dist.destroy_process_group()

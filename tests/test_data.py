@@ -15,6 +15,7 @@ from diloco.job.data import (
     GPT2_VOCAB,
     BatchStream,
     Corpus,
+    TokenShards,
     eval_batches,
     load_corpus,
     shard_batch,
@@ -135,6 +136,11 @@ def test_text_file_that_is_not_utf8_names_the_path_and_byte(tmp_path):
 # bin:GLOB
 
 
+def all_tokens(tokens) -> list[int]:
+    """Every token of a 1-D token array (a tensor or :class:`TokenShards`), as ints."""
+    return tokens[torch.arange(tokens.numel())].long().tolist()
+
+
 def test_bin_shards_last_is_val_and_tokens_are_memory_mapped(tmp_path):
     write_shard(tmp_path / "shard_000.bin", list(range(100)))
     write_shard(tmp_path / "shard_001.bin", list(range(100, 150)))
@@ -146,12 +152,51 @@ def test_bin_shards_last_is_val_and_tokens_are_memory_mapped(tmp_path):
     assert is_memory_mapped(tmp_path / "shard_000.bin")
 
 
-def test_bin_train_concatenates_all_but_the_last_shard_in_sorted_order(tmp_path):
+def test_bin_train_reads_all_but_the_last_shard_in_sorted_order_each_memory_mapped(tmp_path):
     for i in (2, 0, 1):
         write_shard(tmp_path / f"s{i}.bin", [i] * 40)
     corpus = load_corpus(f"bin:{tmp_path}/*.bin", 16)
-    assert corpus.train.long().tolist() == [0] * 40 + [1] * 40
-    assert corpus.val.long().tolist() == [2] * 40
+    assert isinstance(corpus.train, TokenShards)  # not concatenated into memory
+    assert all_tokens(corpus.train) == [0] * 40 + [1] * 40
+    assert all_tokens(corpus.val) == [2] * 40
+    assert all(is_memory_mapped(tmp_path / f"s{i}.bin") for i in range(3))
+
+
+def test_windows_over_shards_equal_windows_over_their_concatenation(tmp_path):
+    """Random windows (some straddling a shard boundary) and eval windows of three shards are
+    those of the concatenated array, token for token."""
+    sizes = (50, 7, 90)
+    for i, n in enumerate(sizes):
+        write_shard(tmp_path / f"t{i}.bin", [(7 * k + i) % 500 for k in range(n)])
+    sharded = load_corpus(f"bin:{tmp_path}/t*.bin", 8, val_source=f"bin:{tmp_path}/t0.bin").train
+    joined = torch.tensor(all_tokens(sharded), dtype=torch.int64)
+    assert joined.numel() == sum(sizes)
+    a, b = BatchStream(sharded, 64, 8, seed=3), BatchStream(joined, 64, 8, seed=3)
+    for _ in range(5):
+        assert all(torch.equal(u, v) for u, v in zip(a.next(), b.next(), strict=True))
+    for u, v in zip(eval_batches(sharded, 4, 8, 3), eval_batches(joined, 4, 8, 3), strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(u, v, strict=True))
+
+
+def test_val_shards_beside_a_train_glob_are_the_val_set(tmp_path):
+    """``data.val_source=auto`` with ``bin:…/fineweb_train_*.bin``: val is
+    ``fineweb_val_*.bin``, and every train shard trains (none is held out)."""
+    write_shard(tmp_path / "fineweb_val_000000.bin", [9] * 30)
+    write_shard(tmp_path / "fineweb_train_000001.bin", [1] * 40)
+    write_shard(tmp_path / "fineweb_train_000002.bin", [2] * 40)
+    corpus = load_corpus(f"bin:{tmp_path}/fineweb_train_*.bin", 16)
+    assert all_tokens(corpus.train) == [1] * 40 + [2] * 40
+    assert all_tokens(corpus.val) == [9] * 30
+    held_out = load_corpus(f"bin:{tmp_path}/fineweb_train_*.bin", 16, val_source="heldout")
+    assert all_tokens(held_out.val) == [2] * 40
+
+
+def test_val_source_reads_a_text_file_whole_and_the_source_trains_on_everything(tmp_path):
+    (tmp_path / "train.txt").write_text("a" * 100)
+    (tmp_path / "val.txt").write_text("b" * 30)
+    corpus = load_corpus(f"text:{tmp_path}/train.txt", 16, val_source=f"text:{tmp_path}/val.txt")
+    assert all_tokens(corpus.train) == [ord("a")] * 100
+    assert all_tokens(corpus.val) == [ord("b")] * 30
 
 
 def test_single_bin_shard_gives_its_last_tenth_to_val(tmp_path):
@@ -161,9 +206,17 @@ def test_single_bin_shard_gives_its_last_tenth_to_val(tmp_path):
     assert corpus.val.long().tolist() == list(range(180, 200))
 
 
-def test_bin_vocab_grows_past_gpt2_to_a_multiple_of_64(tmp_path):
+def test_tokens_past_the_model_vocabulary_stop_at_the_batch_that_holds_them(tmp_path):
+    """Loading reads only the shards' headers (the vocabulary is GPT-2's, 50304): a token past
+    ``model.vocab_size`` is caught in the first batch holding it, with the setting to change."""
     write_shard(tmp_path / "big.bin", [60000] + [0] * 199)
-    assert load_corpus(f"bin:{tmp_path}/big.bin", 16).vocab_size == 60032
+    corpus = load_corpus(f"bin:{tmp_path}/big.bin", 16)
+    assert corpus.vocab_size == GPT2_VOCAB
+    with pytest.raises(DataError, match="holds token 60000, past model.vocab_size=50304; set "
+                       "model.vocab_size >= 60032"):  # fmt: skip
+        eval_batches(corpus.train, 4, 16, 2, vocab_size=GPT2_VOCAB)
+    stream = BatchStream(corpus.train, 8, 16, seed=0, vocab_size=60032)
+    assert int(stream.next()[0].max()) < 60032
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,9 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ from diloco.job.data import BatchStream, eval_batches, load_corpus
 from diloco.job.inner import build_inner_optimizer, build_scheduler
 from diloco.job.metrics import read_metrics
 from diloco.job.train import build_model, train
+from diloco.launchers.local import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +45,7 @@ TINY = tiny_overrides(
 # The EMA-Nesterov run also keeps θ and m in host memory (outer.offload=cpu), so the staging copy
 # through which the reducer sees the pseudo-gradient is covered on the sharded path too.
 EMA = ["outer.method=ema_nesterov", "outer.lr=0.9", "outer.offload=cpu"]
+BF16 = "topology.mixed_precision=bf16"
 LAUNCH_TIMEOUT_S = 240
 
 
@@ -59,6 +63,9 @@ LAUNCHES = {
     "g2s1": (2, ["topology.groups=2"]),
     "g1s2": (2, ["topology.shards=2"]),
     "g1s1": (1, []),
+    "g2s2_bf16": (4, ["topology.groups=2", "topology.shards=2", BF16]),
+    "g2s1_bf16": (2, ["topology.groups=2", BF16]),
+    "g1s2_bf16": (2, ["topology.shards=2", BF16]),
 }
 
 
@@ -246,9 +253,45 @@ def assert_matches_reference(run: Path, ref: dict, atol: float) -> None:
 # the specification
 
 
+def assert_clipping_engaged(run: Path, max_norm: float = 1.0) -> None:
+    """Every logged step's gradient norm (before clipping) exceeded ``inner.grad_clip``: the
+    comparison covers the clipped path (a global norm over the shards of a group)."""
+    norms = [r["grad_norm"] for r in read_metrics(run / "metrics.jsonl") if "grad_norm" in r]
+    assert len(norms) >= STEPS // 4 and min(norms) > max_norm, norms
+
+
 def test_sharded_groups_equal_unsharded_groups(runs):
-    """G=2 × S=2 (FSDP2, each group batch split over 2 ranks) == G=2 × S=1 (same group batch)."""
+    """G=2 × S=2 (FSDP2, each group batch split over 2 ranks) == G=2 × S=1 (same group batch),
+    with every step's gradients clipped."""
+    for run in ("g2s2", "g2s1"):
+        assert_clipping_engaged(runs.get(run))
     assert_runs_match(runs.get("g2s2"), runs.get("g2s1"), atol=2e-6, rtol=1e-6)
+
+
+#: bf16 runs must agree to 5e-3 in (fp32) loss: less than the rounding of a loss of about 3.5 to
+#: bf16 itself (2^-9 · 3.5 ≈ 7e-3), so a loss computed in bf16 fails it (S=2 did: 3.3e-2), while
+#: the bf16 rounding of weights and activations, averaged over a batch's tokens, stays below it
+#: (2.1e-3 measured). S=1 computes under autocast, S=2 with FSDP2's bf16 parameters.
+BF16_ATOL = 5e-3
+
+
+def assert_curves_close(a: Path, b: Path, atol: float) -> float:
+    """Train and val losses of ``a`` and ``b`` agree to ``atol``; returns the largest gap."""
+    (loss_a, val_a), (loss_b, val_b) = curves(a), curves(b)
+    assert loss_a.keys() == loss_b.keys() and val_a.keys() == val_b.keys()
+    gaps = [abs(x[k] - y[k]) for x, y in ((loss_a, loss_b), (val_a, val_b)) for k in x]
+    assert max(gaps) <= atol, max(gaps)
+    return max(gaps)
+
+
+@pytest.mark.parametrize("sharded, unsharded", [("g1s2_bf16", None), ("g2s2_bf16", "g2s1_bf16")])
+def test_bf16_sharded_runs_equal_unsharded_runs_within_bf16_rounding(runs, sharded, unsharded):
+    """bf16 on the CPU: S=2 (FSDP2 mixed precision) vs S=1 (autocast), for one group (against
+    the single-process run) and for two; the loss is computed in fp32 on both paths."""
+    other = runs.single_process("snoo_bf16", [BF16]) if unsharded is None else runs.get(unsharded)
+    assert_curves_close(runs.get(sharded), other, atol=BF16_ATOL)
+    fp32 = runs.get(sharded.removesuffix("_bf16"))
+    assert assert_curves_close(runs.get(sharded), fp32, atol=1.0) > 1e-4  # bf16 really ran
 
 
 @pytest.mark.parametrize("shards", [1, 2])
@@ -300,6 +343,72 @@ def test_bad_topology_fails_on_every_rank_with_one_line(tmp_path, nproc, overrid
     errors = [line for line in result.stderr.splitlines() if line.startswith("diloco: error:")]
     assert len(errors) == nproc, result.stderr[-3000:]
     assert all(message in line for line in errors), errors
+
+
+SLOW_RANK = textwrap.dedent(
+    """
+    # Run by torchrun: rank 1 starts 8 s late; then every rank fails on the same config error.
+    import os, sys, time
+    if os.environ["RANK"] == "1":
+        time.sleep(8)
+    from diloco.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_late_rank_still_reports_its_error_before_the_job_stops(tmp_path):
+    """The first failing rank waits until every rank of its node has written its line (not a
+    fixed grace: a rank 8 s late still gets its say) before torchrun stops the others."""
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK)
+    bad = ["--set", "topology.shards=2", "--set", "data.batch_size=7"]
+    result = run_torchrun_script(2, script, "train", *bad, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("diloco: error:")]
+    assert len(errors) == 2, result.stderr[-3000:]
+
+
+WRITER = textwrap.dedent(
+    """
+    # Run with PYTHONUNBUFFERED=1, its stderr shared with other writers: says it is ready on
+    # stdout, waits for the go on stdin, then writes its warnings.
+    import sys
+    from diloco.errors import warn
+    print("ready", flush=True)
+    sys.stdin.read(1)
+    for i in range(int(sys.argv[2])):
+        warn(f"writer {sys.argv[1]} line {i} " + "x" * 40)
+    """
+)
+
+
+def test_message_lines_of_processes_sharing_stderr_never_merge(tmp_path):
+    """Each message line is written with one write: 6 unbuffered processes writing 2000
+    warnings each into one pipe at once give 12000 whole lines (``print`` writes the text and
+    the newline apart: hundreds of merged lines)."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    read, write = os.pipe()
+    env = child_env({"PYTHONUNBUFFERED": "1"})
+    writers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(w), "2000"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=write, env=env, text=True,
+        )
+        for w in range(6)
+    ]  # fmt: skip
+    os.close(write)
+    assert [w.stdout.readline() for w in writers] == ["ready\n"] * 6
+    for w in writers:  # all at once
+        w.stdin.write("go")
+        w.stdin.close()
+    with os.fdopen(read, encoding="utf-8") as pipe:
+        lines = pipe.read().splitlines()
+    assert [w.wait(60) for w in writers] == [0] * 6
+    whole = re.compile(r"diloco: warning: writer \d line \d+ x{40}")
+    merged = [line for line in lines if not whole.fullmatch(line)]
+    assert len(lines) == 12000 and not merged, (len(merged), merged[:3])
 
 
 REDUCER_CHECKS = textwrap.dedent(

@@ -117,3 +117,14 @@ def test_a_few_adamw_steps_on_a_fixed_batch_reduce_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_loss_is_computed_in_fp32_from_bf16_parameters():
+    """With bf16 parameters (what FSDP2's mixed-precision policy gives the forward) the logits
+    are bf16 and the loss is still the fp32 cross-entropy of the logits widened to fp32, as
+    under autocast."""
+    x, y = random_batch()
+    logits, loss = make_model().to(torch.bfloat16)(x, y)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    flat = logits.float().view(-1, CONFIG.vocab_size)
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(flat, y.reshape(-1)))

@@ -34,22 +34,31 @@ def assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], atol:
 # ---------------------------------------------------------------------------- Nesterov / SGD
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["sgd_foreach", "sgd_for_loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lr, momentum", [(0.7, 0.9), (0.5, 0.37), (1.0, 0.0), (0.3, 0.0)])
-def test_nesterov_equals_torch_sgd_with_nesterov_momentum_over_many_rounds(lr, momentum):
-    """Nesterov(η, μ) is torch.optim.SGD(lr=η, momentum=μ, nesterov=True, dampening=0) on Δ."""
+def test_nesterov_is_bitwise_torch_sgd_with_nesterov_momentum_over_many_rounds(
+    lr, momentum, dtype, foreach
+):
+    """Nesterov(η, μ) is torch.optim.SGD(lr=η, momentum=μ, nesterov=True, dampening=0) on Δ,
+    bit for bit, in float32 too: θ is rounded once per round, θ − η·(Δ + μ·b), as torch rounds
+    it (two adds, θ − η·Δ then − η·μ·b, drift apart by an ulp from the first round with μ > 0)."""
     gen = torch.Generator().manual_seed(0)
-    init = random_tensors(gen)
+    init = [t.to(dtype) for t in random_tensors(gen)]
     ours = [t.clone() for t in init]
     theirs = [t.clone() for t in init]
     outer = Nesterov(ours, lr=lr, momentum=momentum)
-    sgd = torch.optim.SGD(theirs, lr=lr, momentum=momentum, nesterov=momentum > 0, dampening=0.0)
+    sgd = torch.optim.SGD(
+        theirs, lr=lr, momentum=momentum, nesterov=momentum > 0, dampening=0.0, foreach=foreach
+    )
     for _ in range(ROUNDS):
-        deltas = random_tensors(gen, scale=0.1)
+        deltas = [t.to(dtype) for t in random_tensors(gen, scale=0.1)]
         feed(ours, deltas)
         feed(theirs, deltas)
         outer.step()
         sgd.step()
-        assert_close(ours, theirs)
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("lr, momentum", [(0.7, 0.9), (0.68, 0.37)])

@@ -34,6 +34,7 @@ from diloco.job.metrics import read_metrics
 from diloco.job.train import evaluate, train
 from diloco.models import GPT, GPTConfig
 from diloco.persist.resume import list_checkpoints, read_meta
+from diloco.testing.devices import separate_devices
 
 STEPS, K = 16, 4
 TINY = tiny_overrides(
@@ -378,3 +379,64 @@ def test_bytes_per_round_equal_the_analytic_count_and_peak_is_one_fragment(two_g
         assert s["peak_bytes"] == 2 * (G - 1) / G * 4 * max(sizes) < total
         assert s["fragments"] == 2
         assert math.isfinite(s["pseudo_grad_norm"]) and not s["outer_skipped"]
+
+
+# ------------------------------------------------------------------------------- offload
+
+
+def offloaded_run(offload: str, P: int, tau: int, alpha: float) -> tuple[list, list, list]:
+    """EMA-Nesterov (β ≠ 0 from the first round) with P fragments and an SGD inner step. With
+    τ = 0 the last fragment's fast weights are poisoned at step 8, which applies it, so that
+    round is skipped. The run ends with a state round trip into a fresh wrapper whose fast
+    weights restart at the start point s. Every ``torch._foreach_*`` op is checked for mixing
+    host (θ, m, buffers) and device sides. Returns (θ, fast weights, fast weights after the
+    round trip)."""
+    torch.manual_seed(0)
+    model = GPT(GPT_TINY)
+    kwargs = dict(
+        outer="ema_nesterov", sync_every=K, outer_lr=0.9, ema_beta=0.7,
+        fragments=P, sync_delay=tau, mix_alpha=alpha, offload=offload,
+    )  # fmt: skip
+    dl = StreamingDiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.05), **kwargs)
+    params = list(model.parameters())
+    skipped = []
+    with separate_devices(dl):
+        for n, (x, y) in enumerate(batches(16), start=1):
+            model(x, y)[1].backward()
+            if n == 8 and tau == 0:
+                with torch.no_grad():
+                    for k in dl.fragment_params[-1]:
+                        params[k].fill_(math.nan)
+            report = dl.step()
+            dl.zero_grad()
+            if report is not None:
+                skipped.append(report.skipped)
+        assert dl.outer.beta != 0.0 and skipped == [False, tau == 0, False, False]
+        slow, fast = clone_all(dl.slow_tensors()), clone_all(dl.fast_tensors())
+        sd = dl.state_dict()
+        sd.pop("fast")  # the fast weights restart at each fragment's start point s_i
+    torch.manual_seed(0)
+    fresh = GPT(GPT_TINY)
+    dl2 = StreamingDiLoCo(fresh, torch.optim.SGD(fresh.parameters(), lr=0.05), **kwargs)
+    with separate_devices(dl2):
+        dl2.load_state_dict(sd)
+    return slow, fast, clone_all(dl2.fast_tensors())
+
+
+def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+@pytest.mark.parametrize(
+    "P, tau, alpha", [(1, 0, 0.0), (2, 0, 0.0), (2, 0, 0.5), (2, 1, 0.0), (2, 1, 0.5)]
+)
+def test_offloaded_start_point_is_formed_on_the_host_and_copied_once(P, tau, alpha):
+    """``offload="cpu"``: θ and m live on the host, φ on the device. The start point
+    s = θ + β·m is written on the host and copied to φ in one copy, at a restart, after a
+    skipped round and when a state is loaded (adding the host m to device φ crashes on CUDA);
+    the results equal ``offload="none"`` bit for bit."""
+    on_device = offloaded_run("none", P, tau, alpha)
+    offloaded = offloaded_run("cpu", P, tau, alpha)
+    for a, b in zip(on_device, offloaded, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)

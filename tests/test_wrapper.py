@@ -16,6 +16,7 @@ from diloco.algorithm.wrapper import DiLoCo, NonFiniteError
 from diloco.errors import CheckpointError
 from diloco.job.inner import build_inner_optimizer
 from diloco.models import GPT, GPTConfig
+from diloco.testing.devices import separate_devices
 
 IN, HIDDEN, OUT = 6, 16, 3
 LR, WD = 1e-2, 0.1
@@ -555,10 +556,11 @@ def test_cpu_offload_gives_identical_results(outer):
     for offload in ("none", "cpu"):
         model = make_mlp(0)
         dl = DiLoCo(model, adamw(model), outer=outer, sync_every=3, offload=offload)
-        losses = [train_step(model, dl, batch)[0] for batch in BATCHES[:17]]
-        dl.sync()
-        with dl.slow_weights():
-            evaluated = weights(model)
+        with separate_devices(dl):  # no op mixes host (θ, m, staging) and device tensors
+            losses = [train_step(model, dl, batch)[0] for batch in BATCHES[:17]]
+            dl.sync()
+            with dl.slow_weights():
+                evaluated = weights(model)
         runs.append((losses, weights(model), clones(dl.slow_tensors()), evaluated))
     for a, b in zip(*runs, strict=True):
         assert_equal(a, b)

@@ -16,8 +16,9 @@ touch only fragment i; ``group=None`` (the default) means every group, as before
 
 Maths (DESIGN.md §1; η = ``lr``, μ = ``momentum``):
 
-* :class:`Nesterov` — b ← μ·b + Δ;  θ ← θ − η·(Δ + μ·b);  s = θ.  This is exactly
-  ``torch.optim.SGD(lr=η, momentum=μ, nesterov=True, dampening=0)`` fed Δ as the gradient.
+* :class:`Nesterov` — b ← μ·b + Δ;  θ ← θ − η·(Δ + μ·b);  s = θ.  This is exactly (bit for
+  bit: the same ops in the same order) ``torch.optim.SGD(lr=η, momentum=μ, nesterov=True,
+  dampening=0)`` fed Δ as the gradient.
   With μ = 0 it is plain SGD on Δ: Lookahead (η < 1), local SGD / FedAvg (η = 1).
 * :class:`EMANesterov` — θ_{t+1} = s_t − η·Δ_t;  m ← γ·m + (1 − γ)·(θ_{t+1} − θ_t);
   s_{t+1} = θ_{t+1} + β_{t+1}·m.  Since s_t = θ_t + β_t·m_t, the increment is
@@ -130,15 +131,16 @@ class Nesterov(OuterOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum))
 
     def _update(self, group: dict, slow: list[Tensor], grads: list[Tensor]) -> None:
+        """The ops (and so the roundings) of ``torch.optim.SGD(nesterov=True)``: b ← μ·b + Δ;
+        the step d = Δ + μ·b is formed in the gradient buffer (scratch after this step), then
+        θ ← θ − η·d in one add: θ is rounded once per round, so the two agree bit for bit."""
         lr, mu = group["lr"], group["momentum"]
         if mu > 0:
             bufs = [self._momentum_buffer(p) for p in slow]
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(slow, grads, alpha=-lr)
-            torch._foreach_add_(slow, bufs, alpha=-lr * mu)
-        else:
-            torch._foreach_add_(slow, grads, alpha=-lr)
+            torch._foreach_add_(grads, bufs, alpha=mu)
+        torch._foreach_add_(slow, grads, alpha=-lr)
 
     def buffer_names(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.param_groups[0]["momentum"] > 0 else ()

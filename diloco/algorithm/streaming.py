@@ -45,7 +45,6 @@ this period; fragments applied earlier in the period are left as they are.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,10 +146,11 @@ class StreamingDiLoCo(DiLoCo):
         self.outer = self.outer.regrouped(
             [[self._slow[k] for k in idx] for idx in self.fragment_params]
         )
-        self._staging = None  # DiLoCo's full-size offload staging: the Δ buffer replaces it
         numels = [sum(self._slow[k].numel() for k in idx) for idx in self.fragment_params]
-        ref = self._slow[0]
-        self._buffer = torch.empty(max(numels), dtype=ref.dtype, device=ref.device)
+        ref = self._slow[0]  # θ's device: the host when offloaded (the buffer is then pinned)
+        self._buffer = torch.empty(
+            max(numels), dtype=ref.dtype, device=ref.device, pin_memory=self._pin
+        )
         self._views: list[list[Tensor]] = []
         for idx in self.fragment_params:
             views, at = [], 0
@@ -220,24 +220,24 @@ class StreamingDiLoCo(DiLoCo):
 
     def _start(self, i: int) -> None:
         """Δ_i = s_i − φ_i into the buffer (as DiLoCo forms it in place), start its average."""
-        t0 = time.perf_counter()
+        t0 = self._now()
         work = self._views[i]
         torch._foreach_copy_(work, self._fast(i))
         torch._foreach_mul_(work, -1.0)
         torch._foreach_add_(work, self.outer.slow_tensors(i))
         self.outer.add_lookahead(work, group=i)
-        t1 = time.perf_counter()
+        t1 = self._now()
         handle = self.reducer.start_average(work, self.fragment_params[i])
-        t2 = time.perf_counter()
+        t2 = self._now()
         self._in_flight[i] = _InFlight(handle, self.inner_steps, t1 - t0, t2 - t1)
         self.events.append((self.inner_steps, i, "start"))
 
     def _apply(self, i: int) -> None:
         """Wait for fragment i's average, take its outer step, restart its fast weights."""
         job = self._in_flight.pop(i)
-        t0 = time.perf_counter()
+        t0 = self._now()
         stats = job.handle.wait()
-        t1 = time.perf_counter()
+        t1 = self._now()
         work = self._views[i]
         sq = self._squared_norm(work)
         slow = self.outer.slow_tensors(i)
@@ -253,9 +253,9 @@ class StreamingDiLoCo(DiLoCo):
             self._restart(i, fast)
         else:  # skipped: back to the unchanged start point of this fragment
             self._period.skipped = True
-            self.outer.write_start(fast, group=i)
+            self._write_start(i, fast)
         self._after_fast_write()
-        t2 = time.perf_counter()
+        t2 = self._now()
         p = self._period
         p.sq.append(sq)
         p.delta_s += job.delta_s
@@ -267,13 +267,27 @@ class StreamingDiLoCo(DiLoCo):
     def _restart(self, i: int, fast: list[Tensor]) -> None:
         """φ_i ← α·φ_i + (1 − α)·s_i' (α = 0: φ_i ← s_i', exactly)."""
         if self.mix_alpha == 0.0:
-            self.outer.write_start(fast, group=i)
+            self._write_start(i, fast)
             return
         start = self._views[i]  # Δ_i is consumed: the buffer holds s_i' now
         self.outer.write_start(start, group=i)
-        if start and start[0].device != fast[0].device:  # θ offloaded to the host
-            start = [s.to(f.device) for s, f in zip(start, fast, strict=True)]
+        if self.offload != "none":  # s_i' is on the host: one copy to the fast weights' device
+            start = [
+                s.to(f.device, copy=True, non_blocking=True)
+                for s, f in zip(start, fast, strict=True)
+            ]
         torch._foreach_lerp_(fast, start, 1.0 - self.mix_alpha)
+
+    def _write_start(self, i: int, fast: list[Tensor]) -> None:
+        """φ_i ← s_i. Offloaded, s_i = θ_i (+ β·m_i) is formed on the host, in fragment i's
+        views of the Δ buffer (no fragment is in flight, or Δ_i is consumed), and copied over
+        once, as DiLoCo does; the host buffers never meet the fast weights in one op."""
+        if self.offload == "none":
+            self.outer.write_start(fast, group=i)
+            return
+        start = self._views[i]
+        self.outer.write_start(start, group=i)
+        torch._foreach_copy_(fast, start, non_blocking=True)
 
     def _squared_norm(self, tensors: list[Tensor]) -> Tensor:
         """‖Δ_i‖² over the whole fragment (this group's shards summed), float64 scalar; computed
@@ -346,7 +360,7 @@ class StreamingDiLoCo(DiLoCo):
 
     def _restart_all(self, fast: list[Tensor]) -> None:
         for i in range(self.fragments):
-            self.outer.write_start(self._fast(i, fast), group=i)
+            self._write_start(i, self._fast(i, fast))
 
 
 _SUMMED = ("bytes_sent", "buckets")

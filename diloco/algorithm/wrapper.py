@@ -12,7 +12,8 @@ inner steps, the pseudo-gradient Δ = s − φ is formed *in the fast weights' o
 averaged across worker groups by the reducer (no-op for one group: SNOO), handed to the outer
 optimiser as the ``.grad`` of the slow weights θ, and the new start point s is written back into
 the fast weights. Per round that is one elementwise pass to form Δ, the outer update, and one copy
-into the fast weights; no parameter-sized temporary is allocated (except with ``offload``).
+into the fast weights; no parameter-sized temporary is allocated (with ``offload``, one host
+staging copy, allocated at the first sync and reused).
 
 All tensors are *local*: a plain parameter in one process, ``DTensor.to_local()`` (this rank's
 FSDP2 shard) when sharded, so nothing is gathered. An engine that keeps its trainable weights
@@ -159,20 +160,20 @@ class DiLoCo:
         self.bad_rounds = 0
         self._rounds = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._cuda = any(p.is_cuda for p in self.params)
         self._fast_provider = fast_tensors
         self._after_fast_write = after_fast_write if after_fast_write is not None else _nothing
         self._peak_lr = PeakLR(inner_optimizer.param_groups[0])
         self._holding_slow = False  # inside ``with slow_weights():``
         self.outer: OuterOptimizer | None = None
+        self.offload = offload  # "cpu": sync() works on a host staging copy of φ
+        self._pin = offload == "cpu" and torch.cuda.is_available()
         self._staging: list[Tensor] | None = None
         if outer == "none":
             return
         host = offload == "cpu"
-        pin = host and torch.cuda.is_available()
         sources = self.params if fast_tensors is None else fast_tensors()
-        slow = [self._clone_local(p, "cpu" if host else None, pin) for p in sources]
-        if host:
-            self._staging = [torch.empty_like(t, pin_memory=pin) for t in slow]
+        slow = [self._clone_local(p, "cpu" if host else None, self._pin) for p in sources]
         if outer == "ema_nesterov":
             self.outer = EMANesterov(slow, lr=outer_lr, gamma=ema_gamma, ema_init=ema_init)
         else:
@@ -259,19 +260,19 @@ class DiLoCo:
         self._check_not_holding_slow("sync()")
         if self.outer is None or self.steps_in_round == 0:
             return None
-        t0 = time.perf_counter()
+        t0 = self._now()
         fast = self.fast_tensors()
         slow = self.slow_tensors()
-        work = fast if self._staging is None else self._staging
+        work = fast if self.offload == "none" else self._staging_copy()
         if work is not fast:
             torch._foreach_copy_(work, fast)
         # Δ = s − φ in place: work ← θ − φ (+ β·m for EMA-Nesterov).
         torch._foreach_mul_(work, -1.0)
         torch._foreach_add_(work, slow)
         self.outer.add_lookahead(work)
-        t1 = time.perf_counter()
+        t1 = self._now()
         reducer_stats = self._average(work, fast)
-        t2 = time.perf_counter()
+        t2 = self._now()
         norm = self._global_norm(work)
         skipped = not math.isfinite(norm)
         if not skipped:
@@ -286,8 +287,21 @@ class DiLoCo:
         if work is not fast:
             torch._foreach_copy_(fast, work, non_blocking=True)
         self._after_fast_write()
-        t3 = time.perf_counter()
+        t3 = self._now()
         return self._close_round(norm, skipped, t1 - t0, t2 - t1, t3 - t2, reducer_stats)
+
+    def _now(self) -> float:
+        """``perf_counter()`` once the device has run everything queued (CUDA runs kernels
+        asynchronously): a round's times then hold its own kernels, not the inner steps'."""
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _staging_copy(self) -> list[Tensor]:
+        """Host buffers like θ (pinned with CUDA) for Δ and s when offloaded; made once."""
+        if self._staging is None:
+            self._staging = [torch.empty_like(t, pin_memory=self._pin) for t in self.slow_tensors()]
+        return self._staging
 
     def _close_round(
         self,
@@ -432,11 +446,12 @@ class DiLoCo:
 
     def _restart_all(self, fast: list[Tensor]) -> None:
         """fast ← s, the start point of the next round (through the staging copy if offloaded)."""
-        if self._staging is None:
+        if self.offload == "none":
             self.outer.write_start(fast)
         else:
-            self.outer.write_start(self._staging)
-            torch._foreach_copy_(fast, self._staging)
+            staging = self._staging_copy()
+            self.outer.write_start(staging)
+            torch._foreach_copy_(fast, staging, non_blocking=True)
 
     # ------------------------------------------------------------------ shared state
     def shared_tensors(self) -> list[Tensor]:

@@ -11,6 +11,7 @@
 Scripts, run as modules (``python -m diloco.bench.<name> --help``):
 :mod:`diloco.bench.distributed` (outer vs inner step, bytes, memory per G × S layout),
 :mod:`diloco.bench.slow_link` (data parallel vs DiLoCo vs streaming over an emulated slow link,
-with :mod:`diloco.bench.link`) and :mod:`diloco.bench.ray_overhead` (``diloco launch ray``
-against torchrun).
+with :mod:`diloco.bench.link`), :mod:`diloco.bench.ray_overhead` (``diloco launch ray``
+against torchrun) and :mod:`diloco.bench.gpu_check` (GPT-2 124M on one CUDA GPU: AdamW vs
+SNOO, compile off and on; docs/gpu.md).
 """

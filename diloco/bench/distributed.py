@@ -15,8 +15,10 @@ then prints a table and writes JSON. Per layout:
   2(G−1)/G · 4 · P/S for a ring all-reduce in fp32) next to what data parallel over the same
   W = G·S ranks would send in the same K steps: K · 2(W−1)/W · P · 4 (gradient all-reduce every
   step). FSDP2's traffic inside a group is not in either number;
-* peak RSS per rank (max over ranks) and its increase over the ``none`` job with the same S
-  (same shard size and per-rank batch); the outer state itself is θ + b = 2 · 4 · P/S bytes.
+* peak memory per rank (max over ranks): host RSS and its increase over the ``none`` job with
+  the same S (same shard size and per-rank batch), the outer state itself (θ + b =
+  2 · 4 · P/S bytes), and on CUDA the peak GPU memory allocated by tensors (``--set
+  run.device=cuda``; "–" on the CPU).
 
     python -m diloco.bench.distributed                  # G ∈ {1,2} × S ∈ {1,2}, 64 steps, K=16
     python -m diloco.bench.distributed --layouts 2x2 --steps 128 --set model.n_embd=256
@@ -139,6 +141,7 @@ def _row(groups: int, shards: int, ranks: list[dict], base: list[dict], P: int, 
         "peak_rss_mb_per_rank": peak,
         "peak_rss_mb_none": base_peak,
         "peak_rss_delta_mb": peak - base_peak,
+        "peak_gpu_mb_per_rank": max(rank["summary"].get("gpu_mem_alloc_mb", 0.0) for rank in ranks),
         "final_val_loss": ranks[0]["summary"]["final_val_loss"],
     }
 
@@ -146,10 +149,12 @@ def _row(groups: int, shards: int, ranks: list[dict], base: list[dict], P: int, 
 def _table(rows: list[dict]) -> str:
     head = (
         "| G×S | inner ms | outer ms (Δ / reduce / update+restart) | wait ms | outer÷inner "
-        "| bytes/round/rank | DP bytes per K steps | peak RSS MB/rank (none) | Δ RSS MB |"
+        "| bytes/round/rank | DP bytes per K steps | peak RSS MB/rank (none) | Δ RSS MB "
+        "| outer state MB/rank | peak GPU MB/rank |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
+        gpu = f"{r['peak_gpu_mb_per_rank']:.0f}" if r["peak_gpu_mb_per_rank"] else "–"
         lines.append(
             f"| {r['layout']} | {r['inner_step_ms']:.1f} | {r['outer_step_ms']:.1f} "
             f"({r['delta_ms']:.1f} / {r['reduce_ms']:.1f} / {r['update_ms']:.1f}) | "
@@ -157,7 +162,7 @@ def _table(rows: list[dict]) -> str:
             f"{r['outer_over_inner']:.3f} | {r['bytes_per_round_per_rank'] / 1e6:.2f} MB | "
             f"{r['dp_bytes_per_K_steps_per_rank'] / 1e6:.1f} MB | "
             f"{r['peak_rss_mb_per_rank']:.0f} ({r['peak_rss_mb_none']:.0f}) | "
-            f"{r['peak_rss_delta_mb']:+.1f} |"
+            f"{r['peak_rss_delta_mb']:+.1f} | {r['outer_state_mb_per_rank']:.1f} | {gpu} |"
         )
     return "\n".join(lines)
 

@@ -321,8 +321,8 @@ _OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
                        "help": "LR warm-up as a fraction of the horizon"}),
     ("--jobs", {"type": int, "help": "runs at once (default on CPU: cores / --threads; on a "
                 "GPU: 1); a G=2 run takes two"}),
-    ("--threads", {"type": int, "help": "torch threads per run and per G=2 rank (default on "
-                   "CPU: cores / --jobs, i.e. 1)"}),
+    ("--threads", {"type": int, "help": "torch threads per run and per G=2 rank (default "
+                   "on CPU: 1, whatever --jobs, so that results do not depend on --jobs)"}),
     ("--plan", {"action": "store_true", "help": "print the plan and time estimate, run nothing"}),
     ("--tiny-test", {"action": "store_true", "help": argparse.SUPPRESS}),
 )  # fmt: skip
@@ -385,7 +385,9 @@ def _parallelism(args: argparse.Namespace, device: str) -> tuple[int, int | None
 
     On CPU one thread per run and one run per core is fastest for these small models (on 2
     cores: 2 runs at 1 thread make 2.0x the steps of 1 run at 1 thread, 1 run at 2 threads
-    1.5x); on a GPU the runs take turns on it.
+    1.5x); on a GPU the runs take turns on it. The threads per run default to 1 whatever
+    ``--jobs`` is: a CPU reduction (a norm, a sum) splits its work by thread, so its float
+    rounding, and with it every later step, depends on the thread count, never on ``--jobs``.
     """
     if device == "cuda":
         if args.jobs not in (None, 1):
@@ -395,9 +397,9 @@ def _parallelism(args: argparse.Namespace, device: str) -> tuple[int, int | None
         return 1, args.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
-    if args.jobs:
-        return args.jobs, args.threads or max(1, cores // args.jobs)
     threads = args.threads or 1
+    if args.jobs:
+        return args.jobs, threads
     return max(1, cores // threads), threads
 
 

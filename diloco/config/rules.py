@@ -136,6 +136,12 @@ def validate(cfg: Config) -> None:
         data.source == "embedded" or (kind in ("text", "bin") and bool(target.strip())),
         f"data.source must be embedded, text:<path> or bin:<glob>, got {data.source!r}",
     )
+    kind, _, target = data.val_source.partition(":")
+    _check(
+        data.val_source in ("auto", "heldout") or (kind in ("text", "bin") and target.strip()),
+        "data.val_source must be auto, heldout, text:<path> or bin:<glob>, "
+        f"got {data.val_source!r}",
+    )
     _check(
         data.batch_size % topology.shards == 0,
         f"data.batch_size ({data.batch_size}) must be divisible by topology.shards "

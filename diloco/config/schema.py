@@ -106,6 +106,11 @@ class DataConfig:
         "Corpus: embedded (small built-in text), text:PATH (a UTF-8 file, byte tokens) or "
         "bin:GLOB (uint16 token shards).",
     )
+    val_source: str = _field(
+        "auto",
+        "Validation tokens: auto (the *_val_* shards beside a bin:..._train_... glob, else "
+        "heldout), heldout (held out from data.source), or text:PATH / bin:GLOB (read whole).",
+    )
     batch_size: int = _field(
         16, "Sequences per inner step per group (the group batch), split evenly across its shards."
     )
@@ -196,15 +201,9 @@ class OuterConfig:
     compress_block: int = _field(
         256, "outer.compress=int8: elements per block sharing one fp32 scale."
     )
-    fragments: int = _field(
-        1, "Streaming: number of parameter fragments synchronised at staggered times."
-    )
-    sync_delay: int = _field(
-        0, "Streaming: inner steps the outer update may arrive late (overlapped communication)."
-    )
-    mix_alpha: float = _field(
-        0.0, "Streaming: after a sync, weights = alpha * local + (1 - alpha) * global."
-    )
+    fragments: int = _field(1, "Streaming: parameter fragments synchronised at staggered times.")
+    sync_delay: int = _field(0, "Streaming: inner steps a fragment's average may arrive late.")
+    mix_alpha: float = _field(0.0, "Streaming: post-sync weights = alpha*local + (1-alpha)*global.")
 
 
 @dataclass
@@ -222,6 +221,7 @@ class TrainConfig:
         "Consecutive rounds with a non-finite loss or update before the run stops.",
     )
     check_every: int = _field(10, "Rounds between cross-group weight checksums.")
+    compile: bool = _field(False, "torch.compile the transformer blocks and the LM head + loss.")
 
 
 @dataclass

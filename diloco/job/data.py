@@ -6,7 +6,10 @@ batch at a time. Sources (``data.source``):
 
 * ``embedded`` -- bytes of the running interpreter's standard-library ``.py`` files (vocab 256).
 * ``text:PATH`` -- any UTF-8 file, byte-level (vocab 256), memory-mapped.
-* ``bin:GLOB`` -- nanoGPT / modded-nanogpt ``uint16`` token shards, memory-mapped.
+* ``bin:GLOB`` -- nanoGPT / modded-nanogpt ``uint16`` token shards, each memory-mapped
+  (several are read through :class:`TokenShards`, never concatenated in memory).
+
+Validation tokens come from ``data.val_source`` (:func:`load_corpus`).
 
 A window of ``seq_len + 1`` tokens starting at ``s`` gives ``x = tokens[s : s+T]`` and
 ``y = tokens[s+1 : s+T+1]``: ``y[b, t]`` is the token that follows ``x[b, t]``.
@@ -45,32 +48,67 @@ _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__py
 _SOURCES = "embedded, text:PATH or bin:GLOB"
 
 
+class TokenShards:
+    """Token shards read as one 1-D array, their concatenation, without concatenating them:
+    every shard stays memory-mapped (pages are read as windows touch them, nothing is copied
+    into RAM), and ``tokens[idx]`` gathers the tokens at global positions ``idx`` (an int64
+    tensor of any shape) from the shards that hold them, as ``int64``. A window may straddle
+    two shards, exactly as in the concatenation."""
+
+    def __init__(self, shards: list[torch.Tensor]) -> None:
+        self.shards = shards
+        sizes = torch.tensor([s.numel() for s in shards])
+        self.starts = torch.cumsum(sizes, 0) - sizes  # global position of each shard's first
+        self.dtype = shards[0].dtype
+
+    def numel(self) -> int:
+        return int(sum(s.numel() for s in self.shards))
+
+    def dim(self) -> int:
+        return 1
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        which = torch.searchsorted(self.starts, idx, right=True) - 1
+        out = torch.empty(idx.shape, dtype=torch.long)
+        for k in which.unique().tolist():
+            at = which == k
+            out[at] = self.shards[k][idx[at] - self.starts[k]].long()
+        return out
+
+
+Tokens = torch.Tensor | TokenShards
+"""A 1-D token array: one tensor (``uint8``/``uint16``, possibly memory-mapped) or shards."""
+
+
 @dataclass(frozen=True)
 class Corpus:
-    """Train and val token arrays (1-D, ``uint8`` or ``uint16``) and their vocabulary size."""
+    """Train and val token arrays (:data:`Tokens`) and their vocabulary size."""
 
-    train: torch.Tensor
-    val: torch.Tensor
+    train: Tokens
+    val: Tokens
     vocab_size: int
     description: str
 
 
-def load_corpus(source: str, seq_len: int) -> Corpus:
+def load_corpus(source: str, seq_len: int, val_source: str = "auto") -> Corpus:
     """Load ``source`` (``embedded``, ``text:PATH`` or ``bin:GLOB``) for windows of ``seq_len``.
 
+    ``val_source`` (``data.val_source``): ``heldout`` takes val from ``source`` (its last bin
+    shard, the last tenth of a single shard or text file, the embedded val files); ``text:PATH``
+    or ``bin:GLOB`` reads val whole from there, and ``source`` trains on all of its tokens;
+    ``auto`` is ``bin:`` of the ``*_val_*`` shards beside a ``bin:…_train_…`` glob when it
+    matches files (nanoGPT / modded-nanogpt's ``fineweb_val_*.bin``), else ``heldout``.
     Both splits must hold at least ``seq_len + 1`` tokens (one window), else :class:`DataError`.
     """
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}; set model.block_size >= 1")
-    if source == "embedded":
-        train, val, description = _embedded()
-        corpus = Corpus(train, val, 256, description)
-    elif source.startswith("text:"):
-        corpus = _load_text(source.removeprefix("text:"), seq_len)
-    elif source.startswith("bin:"):
-        corpus = _load_bin(source.removeprefix("bin:"))
-    else:
-        raise DataError(f"unknown corpus source {source!r}; use one of {_SOURCES}")
+    val_from = _val_source(source, val_source)
+    train, val, vocab_size, description = _load(source, seq_len, held_out=val_from is None)
+    if val_from is not None:
+        val, _, val_vocab, val_description = _load(val_from, seq_len, held_out=False)
+        vocab_size = max(vocab_size, val_vocab)
+        description += f"; val: {val_description}"
+    corpus = Corpus(train, val, vocab_size, description)
     for split, tokens in (("train", corpus.train), ("val", corpus.val)):
         if tokens.numel() < seq_len + 1:
             raise DataError(
@@ -78,6 +116,32 @@ def load_corpus(source: str, seq_len: int) -> Corpus:
                 f"seq_len+1 = {seq_len + 1}; lower model.block_size or give a larger corpus"
             )
     return corpus
+
+
+def _val_source(source: str, val_source: str) -> str | None:
+    """The source val is read from whole, or None: held out from ``source``."""
+    if val_source == "heldout":
+        return None
+    if val_source != "auto":
+        return val_source
+    head, name = os.path.split(source.removeprefix("bin:"))
+    if not source.startswith("bin:") or "_train_" not in name:
+        return None
+    sibling = os.path.join(head, name.replace("_train_", "_val_"))
+    return f"bin:{sibling}" if _glob(sibling) else None
+
+
+def _load(source: str, seq_len: int, held_out: bool) -> tuple[Tokens, Tokens | None, int, str]:
+    """(train, val, vocabulary size, description) of ``source``; with ``held_out`` False,
+    train is every token and val None."""
+    if source == "embedded":
+        train, val, description = _embedded()
+        return train, val if held_out else None, 256, description
+    if source.startswith("text:"):
+        return _load_text(source.removeprefix("text:"), seq_len, held_out)
+    if source.startswith("bin:"):
+        return _load_bin(source.removeprefix("bin:"), held_out)
+    raise DataError(f"unknown corpus source {source!r}; use one of {_SOURCES}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +200,11 @@ def _join_files(root: Path, files: tuple[str, ...], cap: int) -> torch.Tensor:
 # text:PATH
 
 
-def _load_text(path_str: str, seq_len: int) -> Corpus:
-    """Bytes of a UTF-8 file; val is the last ``max(10%, seq_len + 1)`` bytes, train the rest."""
+def _load_text(
+    path_str: str, seq_len: int, held_out: bool
+) -> tuple[Tokens, Tokens | None, int, str]:
+    """Bytes of a UTF-8 file, memory-mapped; held out: val is the last ``max(10%, seq_len + 1)``
+    bytes, train the rest."""
     path = Path(path_str).expanduser()
     if not path.is_file():
         raise DataError(f"text corpus {path} does not exist or is not a file; fix data.source")
@@ -145,15 +212,17 @@ def _load_text(path_str: str, seq_len: int) -> Corpus:
     if n == 0:
         raise DataError(f"text corpus {path} is empty; give a non-empty UTF-8 file")
     _check_utf8(path)
+    tokens = torch.from_file(str(path), shared=False, size=n, dtype=torch.uint8)
+    if not held_out:
+        return tokens, None, 256, f"text:{path} ({n} bytes, byte-level vocab 256)"
     n_val = max(n // 10, seq_len + 1)
     if n - n_val < seq_len + 1:
         raise DataError(
             f"text corpus {path} has {n} tokens (bytes) but needs at least {n_val + seq_len + 1} "
             f"for seq_len={seq_len}; lower model.block_size or give a larger corpus"
         )
-    tokens = torch.from_file(str(path), shared=False, size=n, dtype=torch.uint8)
     description = f"text:{path} ({n - n_val} train / {n_val} val bytes, byte-level vocab 256)"
-    return Corpus(tokens[: n - n_val], tokens[n - n_val :], 256, description)
+    return tokens[: n - n_val], tokens[n - n_val :], 256, description
 
 
 def _check_utf8(path: Path, chunk_bytes: int = 1 << 22) -> None:
@@ -180,33 +249,39 @@ def _check_utf8(path: Path, chunk_bytes: int = 1 << 22) -> None:
 # bin:GLOB
 
 
-def _load_bin(pattern: str) -> Corpus:
-    """Shards matching ``pattern``, sorted; the last is val when there are >= 2, else the last
-    10% of the single shard's tokens is val.
+def _glob(pattern: str) -> list[str]:
+    """The files matching ``pattern`` (``~`` expanded, ``**`` recursive), sorted."""
+    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+    return sorted(p for p in matches if os.path.isfile(p))
 
-    The vocabulary is :data:`GPT2_VOCAB` (50304) when every token is below it, else the largest
-    token + 1 rounded up to a multiple of 64. One train shard stays memory-mapped; several are
-    concatenated into memory (2 bytes per token).
+
+def _load_bin(pattern: str, held_out: bool) -> tuple[Tokens, Tokens | None, int, str]:
+    """Shards matching ``pattern``, sorted; held out: the last is val when there are >= 2,
+    else the last 10% of the single shard's tokens is val.
+
+    Each shard is memory-mapped after reading its 1 KiB header, nothing else (several are one
+    :class:`TokenShards`). The vocabulary is :data:`GPT2_VOCAB` (50304): the format holds
+    GPT-2 tokens; a token at or past ``model.vocab_size`` stops the run when a batch holds it
+    (:func:`check_tokens`).
     """
-    paths = sorted(
-        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
-    )
+    paths = _glob(pattern)
     if not paths:
         raise DataError(f"bin:{pattern} matches no files; fix the glob in data.source")
     shards = [_open_shard(Path(p)) for p in paths]
-    if len(shards) >= 2:
-        train = shards[0] if len(shards) == 2 else torch.cat(shards[:-1])
-        val = shards[-1]
+    if not held_out:
+        train, val = _joined(shards), None
+    elif len(shards) >= 2:
+        train, val = _joined(shards[:-1]), shards[-1]
     else:
         n = shards[0].numel()
         train, val = shards[0][: n - n // 10], shards[0][n - n // 10 :]
-    max_token = max(_max_token(s) for s in shards)
-    vocab_size = GPT2_VOCAB if max_token < GPT2_VOCAB else -(-(max_token + 1) // 64) * 64
-    description = (
-        f"bin:{pattern} ({len(paths)} shard file(s), "
-        f"{train.numel()} train / {val.numel()} val tokens, vocab {vocab_size})"
-    )
-    return Corpus(train, val, vocab_size, description)
+    split = f"{train.numel()} train / {val.numel()} val" if val is not None else train.numel()
+    description = f"bin:{pattern} ({len(paths)} shard file(s), {split} tokens)"
+    return train, val, GPT2_VOCAB, description
+
+
+def _joined(shards: list[torch.Tensor]) -> Tokens:
+    return shards[0] if len(shards) == 1 else TokenShards(shards)
 
 
 def _open_shard(path: Path) -> torch.Tensor:
@@ -244,11 +319,6 @@ def _open_shard(path: Path) -> torch.Tensor:
     return tokens[BIN_HEADER_BYTES // 2 :]
 
 
-def _max_token(tokens: torch.Tensor, chunk: int = 1 << 24) -> int:
-    """Largest token id; ``uint16`` has no ``max`` kernel, so widen chunk by chunk."""
-    return max(int(c.to(torch.int32).max()) for c in tokens.split(chunk))
-
-
 # ---------------------------------------------------------------------------------------------
 # batches
 
@@ -258,11 +328,18 @@ class BatchStream:
 
     Each ``next()`` draws ``batch_size`` start offsets ``s ~ U{0, N - seq_len - 1}`` from a
     ``torch.Generator`` seeded by a hash of ``(seed, stream)``, so worker groups with different
-    ``stream`` ids see different data and every stream can be replayed exactly.
+    ``stream`` ids see different data and every stream can be replayed exactly. With
+    ``vocab_size`` every batch is checked with :func:`check_tokens`.
     """
 
     def __init__(
-        self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, stream: int = 0
+        self,
+        tokens: Tokens,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        stream: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
         if tokens.dim() != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
@@ -278,6 +355,7 @@ class BatchStream:
         self.seq_len = seq_len
         self.seed = seed
         self.stream = stream
+        self.vocab_size = vocab_size
         self.batches = 0
         self.generator = torch.Generator().manual_seed(_stream_seed(seed, stream))
 
@@ -286,7 +364,10 @@ class BatchStream:
         high = self.tokens.numel() - self.seq_len
         starts = torch.randint(0, high, (self.batch_size,), generator=self.generator)
         self.batches += 1
-        return _windows(self.tokens, starts, self.seq_len)
+        x, y = _windows(self.tokens, starts, self.seq_len)
+        if self.vocab_size is not None:
+            check_tokens(x, y, self.vocab_size, f"training batch {self.batches}")
+        return x, y
 
     def state_dict(self) -> dict:
         """Exact position: the generator state and the number of batches drawn so far."""
@@ -328,9 +409,10 @@ def shard_batch(
 
 
 def eval_batches(
-    tokens: torch.Tensor, batch_size: int, seq_len: int, n_batches: int
+    tokens: Tokens, batch_size: int, seq_len: int, n_batches: int, vocab_size: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n_batches`` fixed batches of windows evenly spaced over ``tokens`` (no randomness).
+    """``n_batches`` fixed batches of windows evenly spaced over ``tokens`` (no randomness),
+    checked with :func:`check_tokens` when ``vocab_size`` is given.
 
     Window ``i`` of ``W = n_batches * batch_size`` starts at ``i * (N - seq_len - 1) // (W - 1)``,
     so the first window starts the array and the last one ends it.
@@ -343,11 +425,26 @@ def eval_batches(
     n_windows = n_batches * batch_size
     last = tokens.numel() - seq_len - 1
     starts = torch.arange(n_windows) * last // max(n_windows - 1, 1)
-    return [_windows(tokens, s, seq_len) for s in starts.split(batch_size)]
+    batches = [_windows(tokens, s, seq_len) for s in starts.split(batch_size)]
+    for i, (x, y) in enumerate(batches):
+        if vocab_size is not None:
+            check_tokens(x, y, vocab_size, f"validation batch {i + 1}")
+    return batches
+
+
+def check_tokens(x: torch.Tensor, y: torch.Tensor, vocab_size: int, what: str) -> None:
+    """Raise :class:`DataError` if a token of a batch is ``>= vocab_size`` (the embedding has
+    no row for it: an index error on the CPU, a device-side assert on CUDA)."""
+    top = int(torch.maximum(x.max(), y.max()))
+    if top >= vocab_size:
+        raise DataError(
+            f"{what} holds token {top}, past model.vocab_size={vocab_size}; set "
+            f"model.vocab_size >= {-(-(top + 1) // 64) * 64} (a multiple of 64) for this corpus"
+        )
 
 
 def _windows(
-    tokens: torch.Tensor, starts: torch.Tensor, seq_len: int
+    tokens: Tokens, starts: torch.Tensor, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather ``tokens[s : s + seq_len + 1]`` per start as int64, split into (x, y)."""
     windows = tokens[starts[:, None] + torch.arange(seq_len + 1)].long()

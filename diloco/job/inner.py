@@ -11,9 +11,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["build_inner_optimizer", "lr_multiplier", "MuonWithAdamW", "build_scheduler"]
+__all__ = [
+    "build_inner_optimizer",
+    "build_scheduler",
+    "clip_gradients",
+    "lr_multiplier",
+    "MuonWithAdamW",
+    "scalar",
+]
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -107,8 +114,12 @@ def _decay_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) ->
 
 
 def _adamw(named, lr, weight_decay, betas, eps) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for every tensor's update) when the parameters are on CUDA,
+    else the multi-tensor (foreach) implementation."""
+    cuda = bool(named) and all(p.is_cuda for _, p in named)
+    impl = {"fused": True} if cuda else {"foreach": True}
     return torch.optim.AdamW(
-        _decay_groups(named, weight_decay), lr=lr, betas=betas, eps=eps, foreach=True
+        _decay_groups(named, weight_decay), lr=lr, betas=betas, eps=eps, **impl
     )
 
 
@@ -152,3 +163,20 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, **schedule)
     )
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> Tensor | None:
+    """Scale the gradients by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the global norm over the
+    whole model and every shard of the group (``torch.nn.utils.clip_grad_norm_``; FSDP2's
+    DTensor gradients sum their shards' squares). Returns ‖g‖ before clipping (a DTensor when
+    sharded: read it with :func:`scalar` on every rank at the same step), None if
+    ``max_norm`` is 0 (no clipping)."""
+    if not max_norm:
+        return None
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def scalar(t: Tensor) -> float:
+    """A scalar tensor's value; a sharded DTensor's full value (a collective)."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return float(full_tensor() if full_tensor is not None else t)

@@ -33,7 +33,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +48,15 @@ from diloco.config import Config, config_fingerprint, config_to_dict, dump_confi
 from diloco.errors import ConfigError, TopologyError, note, warn
 from diloco.files import write_atomic, write_text_atomic
 from diloco.job import events
+from diloco.job.batches import Prefetcher
 from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
+from diloco.job.device import Clock, StepTimes, run_fields, set_fast_matmul
 from diloco.job.elastic import GroupState, elastic_summary, group_config
-from diloco.job.inner import build_inner_optimizer, build_scheduler
+from diloco.job.inner import build_inner_optimizer, build_scheduler, clip_gradients, scalar
 from diloco.job.metrics import MetricsLogger, peak_rss_mb
 from diloco.job.preflight import check_device, check_memory, check_packages
 from diloco.job.progress import ProgressBar
-from diloco.models import GPT, GPTConfig
+from diloco.models import GPT, GPTConfig, compile_gpt
 from diloco.persist.checkpoint import Checkpointer
 from diloco.persist.resume import plan_resume, read_meta
 from diloco.persist.rundir import RunLock, check_out_dir, guard_finished
@@ -65,14 +66,18 @@ __all__ = ["train", "build_model", "build_inner", "build_diloco", "evaluate"]
 
 
 def build_model(cfg: Config, vocab_size: int) -> GPT:
-    """The GPT of ``cfg.model``, initialised from ``run.seed`` (identical on every rank)."""
+    """The GPT of ``cfg.model``, initialised from ``run.seed`` (identical on every rank);
+    compiled with ``train.compile`` (:func:`diloco.models.compile_gpt`)."""
     if vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus vocabulary "
             f"({vocab_size}); set model.vocab_size >= {vocab_size}"
         )
     torch.manual_seed(cfg.run.seed)
-    return GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
+    model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
+    if cfg.train.compile:
+        compile_gpt(model)
+    return model
 
 
 def build_inner(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
@@ -147,25 +152,6 @@ def evaluate(model: nn.Module, batches: list, runtime: Runtime) -> float:
         total += float(loss)
     model.train(was_training)
     return runtime.mean(total / len(batches))
-
-
-@dataclass
-class _Timers:
-    """Accumulated inner-step and outer-step seconds (for the summary's step-time ratio)."""
-
-    inner_s: float = 0.0
-    inner_n: int = 0
-    outer_s: float = 0.0
-    outer_n: int = 0
-
-    def summary(self) -> dict[str, float]:
-        inner_ms = 1e3 * self.inner_s / max(1, self.inner_n)
-        outer_ms = 1e3 * self.outer_s / max(1, self.outer_n)
-        return {
-            "inner_step_ms": inner_ms,
-            "outer_step_ms": outer_ms,
-            "outer_over_inner": outer_ms / inner_ms if inner_ms else 0.0,
-        }
 
 
 def _round_fields(report: SyncReport) -> dict[str, float]:
@@ -288,6 +274,7 @@ def train(
         )
     else:
         runtime = init_runtime(cfg.topology, cfg.run.device, o.compress, o.compress_block)
+    set_fast_matmul(runtime.device)
     if o.compress != "none" and runtime.groups == 1:
         msg = f"outer.compress={o.compress} does nothing with one group (nothing is exchanged)"
         warn(msg, runtime.is_main)
@@ -350,17 +337,17 @@ def _train(
     continues = resume_from is not None and read_meta(resume_from)["step"] < cfg.train.steps
     guard_finished(out_dir, continues, force, runtime.is_main)
     seq_len = cfg.model.block_size
-    corpus = load_corpus(cfg.data.source, seq_len)
+    corpus = load_corpus(cfg.data.source, seq_len, cfg.data.val_source)
     deepspeed = cfg.inner.engine == "deepspeed"
     model, dl, scheduler, make_checkpointer = _build_engine(cfg, runtime, corpus.vocab_size)
-    stream = BatchStream(
-        corpus.train, cfg.data.batch_size, seq_len, cfg.run.seed, stream=runtime.group
-    )
-    val = eval_batches(corpus.val, cfg.data.batch_size, seq_len, cfg.train.eval_batches)
+    B, vocab = cfg.data.batch_size, cfg.model.vocab_size
+    stream = BatchStream(corpus.train, B, seq_len, cfg.run.seed, runtime.group, vocab)
+    batches = Prefetcher(stream, runtime.shard, runtime.shards, runtime.device)
+    val = eval_batches(corpus.val, B, seq_len, cfg.train.eval_batches, vocab)
     torch.manual_seed(cfg.run.seed + 1000 * runtime.group + runtime.shard)  # dropout streams
     # An elastic group checkpoints on its own, into its own directory, as its "group 0".
     view = dataclasses.replace(runtime, group=0) if runtime.elastic else runtime
-    ckpt = make_checkpointer(cfg, view, model, dl, scheduler, stream)
+    ckpt = make_checkpointer(cfg, view, model, dl, scheduler, batches)
     resumed = ckpt.load(resume_from) if resume_from is not None else None
     first_step = resumed["step"] + 1 if resumed else 1
     if runtime.is_main:  # only now: a refused or failed resume leaves the run directory as it was
@@ -380,9 +367,9 @@ def _train(
     )
     logger.truncate_after(first_step - 1 if resumed else -1)  # drop what a crashed run logged
     bar = ProgressBar(steps, enabled=runtime.is_main and cfg.run.progress, start=first_step - 1)
-    timers = _Timers()
+    timers = StepTimes(Clock(runtime.device))
+    device_fields = run_fields(GPTConfig(**dataclasses.asdict(cfg.model)), runtime)
     start = time.perf_counter()
-    window_start, window_tokens = start, 0
     round_fields: dict[str, float] = {}
     if resumed is None:
         val_loss = evaluate(model, val, runtime)
@@ -394,23 +381,24 @@ def _train(
     else:  # the checkpointed run logged every step up to the checkpoint
         val_loss = resumed["loop"]["val_loss"]
         round_fields = resumed["loop"]["round_fields"]
+    window_start, window_tokens = time.perf_counter(), 0  # the first window: after step 0's eval
     model.train()
     elastic_rounds: list[dict[str, Any]] = []
-    step = first_step - 1
+    step, ran = first_step - 1, 0
     while step < steps:
         step += 1
+        ran += 1
         runtime.alive()
-        t0 = time.perf_counter()
-        x, y = shard_batch(*stream.next(), runtime.shard, runtime.shards)
+        t0 = timers.clock.mark()
+        x, y = batches.next()
         loss = _forward_backward(runtime, model, dl, x, y, deepspeed)
         events.emit("after_backward", step=step, dl=dl, rank=runtime.rank, world=runtime.world)
-        if cfg.inner.grad_clip and not deepspeed:  # DeepSpeed's own step clips
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.inner.grad_clip)
+        grad_norm = None if deepspeed else clip_gradients(model, cfg.inner.grad_clip)  # DS clips
         lr = dl.inner.param_groups[-1]["lr"]
         report = dl.step()
         if report is None and step == steps:
             report = dl.sync()  # the final θ includes every inner step
-        t2 = time.perf_counter()
+        t2 = timers.clock.mark()
         elastic_event = False
         if report is not None and runtime.elastic:
             elastic_rounds.append(report.reducer)
@@ -423,11 +411,9 @@ def _train(
             step = dl.inner_steps  # a healed group continues at the others' step
         dl.zero_grad()
         scheduler.step()
-        outer_s = 0.0
+        outer_s = None
         if report is not None:
             outer_s = report.delta_s + report.reduce_s + report.outer_s
-            timers.outer_s += outer_s
-            timers.outer_n += 1
             round_fields = _round_fields(report)
             if report.skipped:
                 warn(
@@ -439,26 +425,30 @@ def _train(
             if check and (dl.outer_steps % tc.check_every == 0 or step == steps):
                 round_fields.update(_check_groups_agree(dl, runtime, checked_round))
                 checked_round = dl.outer_steps
-        timers.inner_s += t2 - t0 - outer_s
-        timers.inner_n += 1
+        timers.add(t0, t2, outer_s)
         window_tokens += tokens_per_step
 
         eval_now = step == steps or (tc.eval_every and step % tc.eval_every == 0)
         if not (eval_now or step % tc.log_every == 0 or elastic_event):
             _maybe_checkpoint(ckpt, step, val_loss, round_fields, on_checkpoint)
             continue
+        loss_value = runtime.mean(float(loss.detach()))  # waits for the step's kernels
         now = time.perf_counter()
         record: dict[str, Any] = {
             "step": step,
             "outer_step": dl.outer_steps,
-            "loss": runtime.mean(float(loss.detach())),
+            "loss": loss_value,
             "lr": lr,
             "tokens": step * tokens_per_step,
             "tokens_per_s": window_tokens / max(1e-9, now - window_start),
         }
         if not math.isfinite(record["loss"]):
             record["loss_nonfinite"] = True
+        if grad_norm is not None:
+            record["grad_norm"] = scalar(grad_norm)
         record.update(round_fields)
+        record.update(device_fields(record["tokens_per_s"]))
+        timers.read()
         round_fields = {}
         if eval_now:
             with dl.slow_weights(), runtime.busy():
@@ -471,6 +461,7 @@ def _train(
         bar.update(step, record["loss"], record["tokens_per_s"])
         window_start, window_tokens = time.perf_counter(), 0
         _maybe_checkpoint(ckpt, step, val_loss, round_fields, on_checkpoint)
+    batches.close()
     bar.close()
     logger.close()
     if runtime.elastic:  # groups that come back later find the run finished
@@ -481,8 +472,8 @@ def _train(
         "final_val_loss": val_loss,
         "steps": steps,
         "tokens": steps * tokens_per_step,
-        "wall_s": wall,
-        "tokens_per_s": steps * tokens_per_step / wall,
+        "wall_s": wall,  # this process's (a resumed run: since the resume)
+        "tokens_per_s": ran * tokens_per_step / wall,  # the steps this process ran
         "peak_rss_mb": peak_rss_mb(),
         "method": cfg.outer.method,
         "groups": runtime.groups,
@@ -492,6 +483,7 @@ def _train(
     }
     if runtime.elastic:
         summary.update(elastic_summary(elastic_rounds, runtime, dl))
+    summary.update(device_fields(summary["tokens_per_s"]))
     if runtime.is_main:
         write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from diloco.config import config_from_dict
-from diloco.errors import DilocoError
+from diloco.errors import DilocoError, note, warn, write_line
 from diloco.job import events
 
 __all__ = ["choose_resume", "stage_checkpoint", "train_worker"]
@@ -103,7 +102,7 @@ def choose_resume(
         return first
     step, _, chosen, chosen_force, label = max(candidates, key=lambda c: (c[0], c[1]))
     if is_main:
-        print(f"diloco: Ray restart: resuming from {label} (step {step})", file=sys.stderr)
+        note(f"Ray restart: resuming from {label} (step {step})")
     return chosen, chosen_force
 
 
@@ -176,19 +175,15 @@ def _report_placement(rank: int, shards: int) -> None:
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     last = rank + local_world - 1
-    print(
-        f"diloco: node {ray.util.get_node_ip_address()}: ranks {rank}-{last}, "
-        f"groups {rank // shards}-{last // shards}",
-        file=sys.stderr,
-        flush=True,
+    note(
+        f"node {ray.util.get_node_ip_address()}: ranks {rank}-{last}, "
+        f"groups {rank // shards}-{last // shards}"
     )
     if rank % shards or local_world % shards:
-        print(
-            f"diloco: warning: this node runs {local_world} workers, not a multiple of "
+        warn(
+            f"this node runs {local_world} workers, not a multiple of "
             f"topology.shards={shards}: a group spans nodes and its FSDP traffic crosses the "
-            "network",
-            file=sys.stderr,
-            flush=True,
+            "network"
         )
 
 
@@ -217,5 +212,5 @@ def train_worker(config: dict[str, Any]) -> None:
         train(cfg, resume=resume, force=force, on_log=reporter.on_log,
               on_checkpoint=reporter.on_checkpoint)  # fmt: skip
     except DilocoError as e:
-        print(f"diloco: error: {e}", file=sys.stderr, flush=True)
+        write_line(f"diloco: error: {e}")
         raise

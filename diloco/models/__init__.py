@@ -1,5 +1,5 @@
 """Model definitions."""
 
-from diloco.models.gpt import GPT, GPTConfig
+from diloco.models.gpt import GPT, GPTConfig, compile_gpt
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTConfig", "compile_gpt"]

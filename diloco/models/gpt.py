@@ -6,7 +6,7 @@ Shapes: ``B`` batch, ``T`` sequence length (``T <= block_size``), ``C = n_embd``
     x_0     = wte(idx) + wpe(0..T-1)                       [B, T, C]
     x_{l+1} = x_l' + mlp(ln2(x_l')),  x_l' = x_l + attn(ln1(x_l))   (pre-norm blocks)
     logits  = ln_f(x_L) @ wte.weight^T                     [B, T, V]   (lm_head tied to wte)
-    loss    = mean_{b,t} -log softmax(logits[b, t])[targets[b, t]]
+    loss    = mean_{b,t} -log softmax(logits[b, t])[targets[b, t]]   (fp32, any compute dtype)
 
 Each block is a separate module in ``GPT.blocks`` so that FSDP2 can ``fully_shard`` the blocks
 one by one and then the root (which owns ``wte``, ``wpe``, ``ln_f`` and the tied ``lm_head``).
@@ -174,8 +174,26 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
+        return self.head(x, targets)
+
+    def head(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final norm, tied LM head and loss: ``x`` [B, T, C] -> (logits [B, T, V], loss)."""
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
+        # The loss in fp32 whatever the compute dtype: under autocast cross-entropy runs in fp32
+        # anyway; with bf16 parameters (FSDP2's mixed precision) the logits are bf16.
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+
+def compile_gpt(model: GPT) -> None:
+    """``torch.compile`` the model's compute in place: each block's ``forward`` and the head
+    (final norm, LM head, loss). Modules, parameter names and module hooks are unchanged: FSDP2's
+    hooks, which must stay outside compiled code, still run around each block, and checkpoints
+    see the same state dict. The embeddings stay eager (a gather and an add)."""
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward)
+    model.head = torch.compile(model.head)

@@ -42,7 +42,6 @@ import torch
 from torch import Tensor, nn
 
 from diloco.algorithm.outer import OuterOptimizer
-from diloco.algorithm.tensors import local_tensor
 from diloco.algorithm.wrapper import DiLoCo
 from diloco.config import Config, config_fingerprint, config_to_dict
 from diloco.errors import CheckpointError, note, warn
@@ -144,7 +143,7 @@ class Checkpointer:
         self._barrier()
         pg = self._shard_group()
         if self.dl.outer is not None and rt.group == 0:
-            dcp_save(self._outer_state()[0], tmp / "outer", pg)
+            dcp_save(self._outer_state(), tmp / "outer", pg)
         self._save_group(tmp / f"group{rt.group}", pg)
         if rt.shard == 0:
             save_synced(self.stream.state_dict(), tmp / "extra" / f"group{rt.group}.pt")
@@ -226,10 +225,7 @@ class Checkpointer:
         group_state: dict[str, Any] = {}
         try:
             if dl.outer is not None:
-                outer_state, staged = self._outer_state()
-                load_dcp(outer_state, ckpt / "outer", pg)
-                for local, staging in staged:
-                    local.copy_(local_tensor(staging))
+                load_dcp(self._outer_state(), ckpt / "outer", pg)  # in place, also offloaded
             group_state = self._load_group(
                 ckpt / f"group{rt.group % saved_groups}", pg, rt.group < saved_groups
             )
@@ -308,31 +304,21 @@ class Checkpointer:
         self.dl.fast_tensors()  # FSDP2: re-shard root parameters left unsharded by an eval
         return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
 
-    def _outer_state(self) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]:
-        """θ and the outer buffers as DCP targets (views of this rank's local tensors).
-
-        Returns the state and the (local, staging) pairs whose staging copy must be copied back
-        after a load (only when θ is offloaded to another device than the parameters).
-        """
-        staged: list[tuple[Tensor, Tensor]] = []
-
-        def view(p: Tensor, local: Tensor) -> Tensor:
-            t, copied = dcp_view(p, local)
-            if copied:
-                staged.append((local, t))
-            return t
-
+    def _outer_state(self) -> dict[str, Any]:
+        """θ and the outer buffers as DCP targets: views of this rank's local tensors with the
+        parameters' global shapes, wherever they live (host memory with ``outer.offload=cpu``),
+        so a save reads them and a load writes them in place."""
         buffers = outer_buffers(self.dl.outer, self.dl.slow_tensors())
         slow, outer = {}, {}
         params = list(self._named_params())
         for (name, p), theta, bufs in zip(params, self.dl.slow_tensors(), buffers, strict=True):
-            slow[name] = view(p, theta)
+            slow[name] = dcp_view(p, theta)
             if bufs:
-                outer[name] = {k: view(p, b) for k, b in bufs.items()}
+                outer[name] = {k: dcp_view(p, b) for k, b in bufs.items()}
         state: dict[str, Any] = {"slow": slow}
         if outer:
             state["outer"] = outer
-        return state, staged
+        return state
 
     def _group_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import (
@@ -363,17 +349,15 @@ class Checkpointer:
         if not residuals:
             return {}
         params = list(self._named_params())
-        return {n: dcp_view(p, e)[0] for (n, p), e in zip(params, residuals, strict=True)}
+        return {n: dcp_view(p, e) for (n, p), e in zip(params, residuals, strict=True)}
 
     @torch.no_grad()
-    def _load_residuals(self, loaded: dict[str, Tensor], own_group: bool) -> None:
-        """Residuals ← the loaded ones (copied back if staged); zeros for a group that did not
-        exist in the checkpoint (a copy of another group's residual would count it twice)."""
-        for e, t in zip(self._residuals(), loaded.values(), strict=False):
-            if not own_group:
+    def _load_residuals(self, own_group: bool) -> None:
+        """After the residuals were loaded in place: zero them for a group that did not exist
+        in the checkpoint (a copy of another group's residual would count it twice)."""
+        if not own_group:
+            for e in self._residuals():
                 e.zero_()
-            elif local_tensor(t).data_ptr() != e.data_ptr():
-                e.copy_(local_tensor(t))
 
     def _save_group(self, path: Path, pg: Any) -> None:
         """Write this group's inner state into ``path`` (DCP, by the group's shard ranks)."""
@@ -386,7 +370,8 @@ class Checkpointer:
         if not any(k.startswith("residual.") for k in dcp_keys(path)):
             group_state.pop("residual", None)  # e = 0 (uncompressed run, or G = 1)
         load_dcp(group_state, path, pg)
-        self._load_residuals(group_state.get("residual", {}), own_group)
+        if "residual" in group_state:
+            self._load_residuals(own_group)
         return group_state
 
     def _set_group_state(self, state: dict[str, Any]) -> None:

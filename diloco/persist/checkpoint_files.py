@@ -34,21 +34,25 @@ __all__ = [
 ]
 
 
-def dcp_view(p: Tensor, local: Tensor) -> tuple[Tensor, bool]:
+def dcp_view(p: Tensor, local: Tensor) -> Tensor:
     """``local`` (this rank's part of parameter ``p``) as a DCP target with ``p``'s global
-    shape: a DTensor sharing its storage when ``p`` is an FSDP2 DTensor, else ``local`` itself.
-    Returns (target, copied): copied when ``local`` lives on another device than ``p``."""
+    shape, sharing ``local``'s storage wherever it lives: a DTensor when ``p`` is an FSDP2
+    DTensor (on a mesh of ``local``'s device type, so that θ offloaded to the host is saved
+    from and loaded into host memory, never through a device copy), else ``local`` itself."""
     from torch.distributed.tensor import DTensor
 
-    copied = local.device != p.device
-    if copied:
-        local = local.to(p.device)
-    if isinstance(p, DTensor):
-        t = DTensor.from_local(
-            local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    if not isinstance(p, DTensor):
+        return local
+    mesh = p.device_mesh
+    if mesh.device_type != local.device.type:  # same ranks and layout, no process groups
+        from torch.distributed.device_mesh import DeviceMesh
+
+        mesh = DeviceMesh(
+            local.device.type, mesh.mesh, mesh_dim_names=mesh.mesh_dim_names, _init_backend=False
         )
-        return t, copied
-    return local, copied
+    return DTensor.from_local(
+        local, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
 
 
 def dcp_keys(path: Path) -> set[str]:

@@ -5,7 +5,7 @@ A checkpoint is ``RUN_DIR/checkpoints/step_<N>/`` (layout: :mod:`diloco.persist.
 manifest is there with its recorded size. ``--resume auto`` takes the newest loadable one,
 skipping broken ones with a warning; an explicit path must be loadable. The model shapes must
 match; the config must match too (:data:`RESUME_IGNORE` aside: run length, logging, checkpoint
-cadence, G, S, device), unless ``--force``.
+cadence, torch.compile, G, S, device), unless ``--force``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ CHECKPOINTS = "checkpoints"
 FORMAT_VERSION = 1
 #: Settings that may change between save and resume without ``--force``.
 RESUME_IGNORE: tuple[str, ...] = FINGERPRINT_IGNORE + (
-    "run.device",
+    "train.compile",
     "topology.groups",
     "topology.shards",
     "topology.backend",

@@ -337,14 +337,14 @@ class DeepSpeedCheckpointer(Checkpointer):
             if p.requires_grad:
                 yield name, torch.empty(getattr(p, "ds_shape", p.shape), device="meta")
 
-    def _outer_state(self) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]:
+    def _outer_state(self) -> dict[str, Any]:
         shard, theta = self.runtime.shard, self.dl.slow_tensors()
         state: dict[str, Any] = {"slow": {f"shard{shard}.{i}": t for i, t in enumerate(theta)}}
         buffers = outer_buffers(self.dl.outer, theta)
         outer = {f"shard{shard}.{i}": b for i, b in enumerate(buffers) if b}
         if outer:
             state["outer"] = outer
-        return state, []
+        return state
 
     def _save_group(self, path: Path, pg: Any) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -371,9 +371,13 @@ class DeepSpeedCheckpointer(Checkpointer):
             ) from None
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint in {state['path']}")
-        if self._residuals():
-            loaded = {str(i): t for i, t in enumerate(state["residuals"])}
-            self._load_residuals(loaded, state["own_group"])
+        if self._residuals() and state["residuals"]:
+            if state["own_group"]:
+                with torch.no_grad():
+                    for e, t in zip(self._residuals(), state["residuals"], strict=False):
+                        e.copy_(t)
+            else:
+                self._load_residuals(own_group=False)
 
     def _residual_file(self, path: Path) -> Path:
         return path / f"residual_shard{self.runtime.shard}.pt"
