@@ -253,7 +253,14 @@ def launch_ray(
                 _temp_dir=_ray_tmpdir(),
             )
         else:
-            ray.init(address=address)
+            try:
+                ray.init(address=address)
+            except (ConnectionError, RuntimeError) as e:
+                lines = [line for line in str(e).splitlines() if line.strip()]
+                raise RayLaunchError(
+                    f"cannot connect to Ray at --address {address}: "
+                    f"{lines[-1].strip() if lines else type(e).__name__}"
+                ) from None
         started = True
     init_s = time.perf_counter() - t0
     try:

@@ -9,6 +9,7 @@ instead of waiting for resources forever. :func:`failure_detail` says in one lin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -159,7 +160,8 @@ def find_diloco_error(err: BaseException | None) -> DilocoError | None:
 
 def failure_detail(e: BaseException) -> str:
     """One line on a failed ``fit()``: a worker's DilocoError as it is, else what died where
-    (``rank R: Type: message``, cut to 300 characters)."""
+    (``rank R: Type: message``; a long message, such as Ray's report of a dead worker, is cut to
+    its first sentence and the worker's pid)."""
     failures = getattr(e, "worker_failures", None) or {}
     for _rank, err in sorted(failures.items()):
         found = find_diloco_error(err)
@@ -167,5 +169,13 @@ def failure_detail(e: BaseException) -> str:
             return str(found)
     if failures:
         rank, err = sorted(failures.items())[0]
-        return f"rank {rank}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        return f"rank {rank}: {type(err).__name__}: {_brief(str(err))}"
+    return f"{type(e).__name__}: {_brief(str(e))}"
+
+
+def _brief(message: str, limit: int = 200) -> str:
+    text = " ".join(message.split())
+    if len(text) <= limit:
+        return text
+    pid = re.search(r"\bpid=(\d+)", text)
+    return text.split(". ")[0][:limit] + (f" (worker pid {pid.group(1)})" if pid else "") + " …"
