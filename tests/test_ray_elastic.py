@@ -30,16 +30,20 @@ import pytest
 import torch
 from helpers import child_env, sets, tiny_overrides
 
+from diloco.cli import main
+from diloco.config import load_config
+from diloco.errors import ConfigError
 from diloco.job.metrics import read_metrics
+from diloco.launchers import ray_launcher
 from diloco.launchers.ray_elastic import GROUP_ENV
+from diloco.launchers.ray_launcher import ELASTIC_PROBE, launch_ray
+from diloco.launchers.ray_plan import RayResourceError, check_resources, plan_workers
 from diloco.persist.export import export
 from diloco.persist.resume import newest_checkpoint
 from diloco.testing import faults
 
 pytest.importorskip("ray")
 pytest.importorskip("torchft")
-
-pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 420
 #: G = 2 groups × S = 1, K = 4, a checkpoint every 2 rounds; groups dropped after 2 s of silence.
@@ -231,6 +235,7 @@ def jobs(tmp_path_factory) -> Iterator[Jobs]:
 
 
 # ---------------------------------------------------------------------------------- tests
+@pytest.mark.slow
 def test_ray_elastic_groups_train_exactly_like_launch_local_elastic(jobs):
     """G = 2 × S = 1: every group has the same val losses and final θ under Ray as under
     ``diloco launch local --elastic``; each group's metrics and checkpoints reach its own Ray
@@ -251,6 +256,7 @@ def test_ray_elastic_groups_train_exactly_like_launch_local_elastic(jobs):
     assert "diloco: node 127.0.0.1: ranks 0-0, group 1" in ray.stderr
 
 
+@pytest.mark.slow
 def test_a_killed_worker_restarts_only_its_group_which_heals_and_rejoins(jobs):
     """SIGKILL group 1's worker: Ray restarts group 1 alone (group 0 keeps its process), the new
     worker resumes group 1's own checkpoint, heals θ from group 0 and rejoins; the run finishes
@@ -268,6 +274,7 @@ def test_a_killed_worker_restarts_only_its_group_which_heals_and_rejoins(jobs):
     }
 
 
+@pytest.mark.slow
 def test_a_group_killed_past_max_failures_ends_the_job_with_one_line(jobs, tmp_path):
     """--max-failures 1 and group 1's worker killed twice: group 0 trains to the end, then the
     job exits 2 with one line naming group 1, its failures and its newest checkpoint, which is
@@ -284,3 +291,41 @@ def test_a_group_killed_past_max_failures_ends_the_job_with_one_line(jobs, tmp_p
     assert export(ckpt, tmp_path / "theta.pt")["step"] == meta["step"]
     assert job.summary(0)["steps"] == 40
     assert job.elastic_report()["groups"][1]["error"]
+
+
+# ---------------------------------------------------------------------------------- plain functions
+def test_elastic_groups_are_placed_whole_or_refused_with_one_line():
+    """--elastic places each group's S workers on one node (STRICT_PACK): nodes that hold
+    enough workers but not whole groups are refused before anything starts."""
+    plan = plan_workers(load_config(None, ["topology.groups=2", "topology.shards=2"]))
+    assert check_resources(plan, [{"CPU": 2.0}, {"CPU": 2.0}], whole_groups=True) is None
+    assert "will span nodes" in check_resources(plan, [{"CPU": 3.0}, {"CPU": 1.0}])
+    with pytest.raises(RayResourceError) as info:
+        check_resources(plan, [{"CPU": 3.0}, {"CPU": 1.0}], whole_groups=True)
+    assert str(info.value) == (
+        "the cluster's nodes can hold only 1 of the 2 groups × 2 shards as whole groups "
+        "(elastic: a group's 2 workers share one node, each needs 1 CPU); lower "
+        "topology.shards or --cpus-per-worker, or add larger nodes"
+    )
+    with pytest.raises(RayResourceError, match="needs 4 CPUs"):
+        check_resources(plan, [{"CPU": 3.0}], whole_groups=True)
+
+
+def test_elastic_is_asked_for_by_the_flag_or_by_the_config(monkeypatch, capsys):
+    """``--elastic`` and ``topology.elastic: true`` both give an elastic job (the launcher sets
+    each group's id and coordinator); a config error that elastic does not explain stays."""
+    seen = []
+    summary = dict.fromkeys(("final_val_loss", "steps", "tokens", "wall_s", "ray_init_s",
+                             "ray_fit_s"), 0)  # fmt: skip
+    monkeypatch.setattr(ray_launcher, "launch_ray", lambda cfg, **_: seen.append(cfg) or summary)
+    for argv in (["--elastic"], sets(["topology.elastic=true"])):
+        assert main(["launch", "ray", *sets(["topology.groups=2"]), *argv]) == 0
+        assert seen.pop().topology.elastic
+    assert main(["launch", "ray", *sets(["topology.groups=2", "topology.group_id=1"])]) == 2
+    assert "topology.group_id=1 is set but topology.elastic is false" in capsys.readouterr().err
+
+
+def test_an_explicit_resume_path_is_refused_for_elastic_groups_before_ray_starts():
+    cfg = load_config(None, ["topology.groups=2", "topology.elastic=true", *ELASTIC_PROBE])
+    with pytest.raises(ConfigError, match="each group resumes its own"):
+        launch_ray(cfg, address="local", resume="/runs/a/checkpoints/step_8")
