@@ -101,6 +101,14 @@ def _start_coordinator(ray, cfg: Config, name: str, port: int) -> tuple[Any, str
         ) from None
 
 
+def _pid(ray, actor) -> int | None:
+    """The coordinator actor's process id, None if it cannot be reached."""
+    try:
+        return ray.get(actor.pid.remote(), timeout=60)
+    except Exception:  # dead for good (Ray could not restart it), or Ray is going away
+        return None
+
+
 @dataclass
 class _Group:
     """One group's Ray Train run, driven by a thread of the driver."""
@@ -149,7 +157,7 @@ def run_groups(
             line, after the other groups have finished).
     """
     actor, address = _start_coordinator(ray, cfg, name, coordinator_port)
-    first_pid = ray.get(actor.pid.remote())
+    first_pid = _pid(ray, actor)
     overrides = {"elastic": True, "coordinator": address}
     groups = [
         _Group(
@@ -179,7 +187,8 @@ def run_groups(
         while any(gr.thread.is_alive() for gr in groups):
             for gr in groups:
                 gr.thread.join(timeout=0.5)
-        restarted = ray.get(actor.pid.remote(), timeout=60) != first_pid
+        pid = _pid(ray, actor)
+        restarted = None if pid is None else pid != first_pid  # None: unreachable at the end
     finally:
         ray.kill(actor)
         for gr in groups:  # snapshots whose upload a failure cut short
@@ -214,7 +223,9 @@ def _healed_at(metrics: Path) -> list[float]:
     return out
 
 
-def _write_report(ray_dir: Path, address: str, restarted: bool, groups: list[_Group]) -> dict:
+def _write_report(
+    ray_dir: Path, address: str, restarted: bool | None, groups: list[_Group]
+) -> dict:
     run_dir = ray_dir.parent
     report = {
         "launcher": "ray",
