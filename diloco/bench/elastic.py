@@ -222,6 +222,19 @@ def _stall(run: dict, fault: dict) -> float | None:
     )
 
 
+def _group_rounds(run_dir: Path, groups: int) -> int:
+    """Σ over the run's rounds of the groups averaged in each, from every group's records (one
+    per round: log_every = K). Not the summaries' ``group_rounds``: a restarted group's counts
+    only the rounds since its restart, and a group killed near the end writes none."""
+    seen: dict[int, int] = {}
+    for g in range(groups):
+        path = run_dir / f"group{g}" / "metrics.jsonl"
+        for r in _read(path) if path.exists() else []:
+            if "participants" in r:
+                seen[r["outer_step"]] = max(seen.get(r["outer_step"], 0), r["participants"])
+    return sum(seen.values())
+
+
 def _rejoins(run: dict, run_dir: Path) -> tuple[list[float], list[float]]:
     """Per fault of an elastic run: kill → the killed group's next heal (s), and its MiB."""
     heals = {}
@@ -245,8 +258,7 @@ def measure(args: argparse.Namespace, run: dict) -> dict:
         paths = [run_dir / f"group{g}" / "summary.json" for g in range(G)]
         # A group restarted after the last round finds the run finished and writes none.
         summaries = [json.loads(p.read_text()) for p in paths if p.exists()]
-        # A group that was away did not see every round; the most complete view counts them.
-        useful = K * max(s["group_rounds"] for s in summaries)
+        useful = K * _group_rounds(run_dir, G)
         rejoin, heal_mb = _rejoins(run, run_dir)
         val, train_wall = summaries[0]["final_val_loss"], max(s["wall_s"] for s in summaries)
     else:
