@@ -74,31 +74,33 @@ class CoordinatorActor:
 
 
 def _start_coordinator(ray, cfg: Config, name: str, port: int) -> tuple[Any, str]:
-    """The coordinator actor on the driver's node and its ``HOST:PORT`` once it listens."""
+    """The coordinator actor on the driver's node and its ``HOST:PORT`` once it listens.
+
+    ``port`` 0: a free pair picked here, and another one if it was taken meanwhile (the actor
+    binds it seconds later; an outgoing connection may take PORT+1 in between), up to 5 times.
+    """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node_id = ray.get_runtime_context().get_node_id()
     host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
-    port = port or free_port_pair(host)
     settings = asdict(CoordinatorSettings.from_topology(cfg.topology))
-    actor = (
-        ray.remote(num_cpus=0, max_restarts=-1)(CoordinatorActor)
-        .options(
-            name=f"{name}-coordinator",
+    actor_class = ray.remote(num_cpus=0, max_restarts=-1)(CoordinatorActor)
+    for attempt in range(1 if port else 5):
+        chosen = port or free_port_pair(host)
+        actor = actor_class.options(
+            name=f"{name}-coordinator" + (f"-{attempt}" if attempt else ""),
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             runtime_env={"env_vars": {"RUST_LOG": os.environ.get("RUST_LOG", "warn")}},
-        )
-        .remote(host, port, settings)
+        ).remote(host, chosen, settings)
+        try:
+            return actor, ray.get(actor.address.remote(), timeout=300)
+        except Exception as e:  # the constructor failed (a busy port), or Ray could not place it
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            why = lines[-1].strip() if lines else type(e).__name__
+    raise RayLaunchError(
+        f"the coordinator did not start on {host}:{chosen} (and {store_port(chosen)}): {why}; "
+        "choose another --coordinator-port"
     )
-    try:
-        return actor, ray.get(actor.address.remote(), timeout=300)
-    except Exception as e:  # the constructor failed (a busy port), or Ray could not place it
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        why = lines[-1].strip() if lines else type(e).__name__
-        raise RayLaunchError(
-            f"the coordinator did not start on {host}:{port} (and {store_port(port)}): {why}; "
-            "choose another --coordinator-port"
-        ) from None
 
 
 def _pid(ray, actor) -> int | None:
