@@ -31,6 +31,9 @@ What Ray adds over ``torchrun`` and what it does not change:
   files under ``$RAY_TMPDIR`` (default ``/tmp/ray-<uid>``: Unix socket paths must stay short);
   shut down at the end.
 
+* **Elastic groups** (``--elastic`` or ``topology.elastic``): one Ray Train run per worker group
+  and a coordinator actor; a failed group restarts alone (:mod:`diloco.launchers.ray_elastic`).
+
 Before ``fit()`` the cluster's resources are checked
 (:func:`diloco.launchers.ray_plan.check_resources`): a job that cannot be placed fails at once
 with one line instead of waiting for resources forever. The worker function is
