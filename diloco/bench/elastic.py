@@ -1,17 +1,23 @@
 """Benchmark: goodput of elastic worker groups under injected failures, against the mesh job.
 
-Same model, data, K and number of rounds for every run, G groups × S = 1 on this machine, gloo:
+Same model, data, K and number of rounds for every run, G groups × S = 1 on this machine, gloo,
+under each launcher of ``--launchers`` (default ``local,ray``):
 
 * ``elastic`` — ``diloco launch local --elastic``: a killed group restarts alone (resuming its own
   checkpoint, healing θ from a live group); the others keep training;
 * ``mesh`` — today's path: one process group under ``torchrun --max-restarts``; a killed worker
-  stops every group, torchrun restarts the whole job and it resumes from the newest checkpoint.
+  stops every group, torchrun restarts the whole job and it resumes from the newest checkpoint;
+* ``ray-elastic`` — ``diloco launch ray --address local --elastic``: one Ray Train run per group,
+  Ray restarts the killed group alone, which heals as under ``elastic``;
+* ``ray-mesh`` — ``diloco launch ray --address local`` (Ray today): Ray Train's
+  ``FailureConfig`` restarts every worker from the newest checkpoint.
 
 Each is run once without faults, then with one worker SIGKILLed (from this script, outside the
 job) every N rounds for each N in ``--every``, N rounds measured in wall time at the no-fault
-elastic run's pace (faults arrive like preemptions, whatever the job's progress), killing the
-groups' workers in turn (0, 1, …, G−1, 0, …). Both paths checkpoint every ``--checkpoint-every``
-rounds.
+elastic run's pace (faults arrive like preemptions, whatever the job's progress; but a fault
+waits until the job has logged a round past the previous fault's, so that a restart slower than
+the fault interval cannot stall the run for ever), killing the groups' workers in turn (0, 1, …,
+G−1, 0, …). Every path checkpoints every ``--checkpoint-every`` rounds.
 
 Reported per run (a table, and JSON in ``--out``):
 
@@ -19,14 +25,18 @@ Reported per run (a table, and JSON in ``--out``):
   are those whose pseudo-gradient reached θ: mesh, G × steps (the job ends complete; redone steps
   are waste); elastic, K × Σ_rounds (groups averaged in the round);
 * **useful/s**: the absolute rate, comparable across paths;
-* **recovery** (median over faults): elastic, death → the restarted group back in the quorum;
-  mesh, death → the job past the round it had reached at the death (restart + redone rounds);
+* **rejoin** (median over faults; elastic paths): the kill → the killed group healed back into
+  the quorum (its ``healed_at``): the restart latency of the launcher plus the wait for the next
+  round boundary. Ray elastic − local elastic is what Ray adds to a group's restart;
+* **stall** (median): the kill → the job past the round it had reached (mesh: restart + redone
+  rounds; elastic: the survivors' wait for the heartbeat timeout, if any);
 * **heal MB**: elastic, bytes moved to heal restarted groups (per fault);
 * **final val loss**, and **overhead**: a no-fault elastic round's extra wall time over a mesh
-  round's, in % of the mesh round.
+  round's under the same launcher, in % of the mesh round.
 
     python -m diloco.bench.elastic                         # G=3, K=32, 40 rounds, N ∈ {5, 10}
     python -m diloco.bench.elastic --quick                 # 12 rounds, N = 5 only
+    python -m diloco.bench.elastic --launchers ray         # only the Ray rows
 
 Run it alone on the machine: timings are wall times. Nothing is asserted.
 """
@@ -36,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -74,33 +85,46 @@ def _job(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def _workers(proc: subprocess.Popen) -> list[tuple[int, str]]:
-    """(pid, command line) of the training processes under ``proc`` (not torchrun's agent)."""
+#: The paths each launcher runs: its elastic one, then its mesh one.
+PATHS = {"local": ("elastic", "mesh"), "ray": ("ray-elastic", "ray-mesh")}
+
+
+def _descendants(proc: subprocess.Popen) -> list:
+    import psutil
+
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def _workers(proc: subprocess.Popen, name: str) -> list[tuple[int, int | None]]:
+    """(pid, group or None) of the training processes under launcher ``proc`` of run ``name``:
+    torchrun's and ``launch local``'s ``diloco train`` processes (not torchrun's agent), Ray's
+    train workers (an elastic group's carry ``DILOCO_ELASTIC_GROUP``)."""
     import psutil
 
     out = []
-    for child in psutil.Process(proc.pid).children(recursive=True):
+    for child in _descendants(proc):
         try:
             cmdline = " ".join(child.cmdline())
+            env = child.environ() if name.startswith("ray") else {}
         except psutil.Error:
             continue
-        if " train " in cmdline and "torch.distributed.run" not in cmdline:
-            out.append((child.pid, cmdline))
-    return out
+        if name.startswith("ray"):
+            if cmdline.startswith("ray::RayTrainWorker"):
+                group = env.get("DILOCO_ELASTIC_GROUP")
+                out.append((child.pid, None if group is None else int(group)))
+        elif " train " in cmdline and "torch.distributed.run" not in cmdline:
+            found = re.search(r"topology\.group_id=(\d+)", cmdline)
+            out.append((child.pid, int(found.group(1)) if found else None))
+    return sorted(out)
 
 
-def _victim(proc: subprocess.Popen, index: int, elastic: bool) -> int | None:
+def _victim(proc: subprocess.Popen, index: int, name: str, groups: int) -> int | None:
     """The worker to kill for fault ``index``: group ``index mod G``'s (elastic), or the
     ``index mod G``-th worker of the job (mesh, whose workers are its groups)."""
-    found = sorted(_workers(proc))
-    if not found:
-        return None
-    if elastic:
-        for pid, cmdline in found:
-            if f"topology.group_id={index % len(found)} " in cmdline + " ":
-                return pid
-        return None
-    return found[index % len(found)][0]
+    found = _workers(proc, name)
+    if name.endswith("elastic"):
+        return next((pid for pid, g in found if g == index % groups), None)
+    return found[index % len(found)][0] if found else None
 
 
 def _rounds_seen(metrics: list[Path]) -> int:
@@ -119,11 +143,22 @@ def _rounds_seen(metrics: list[Path]) -> int:
     return best
 
 
-def run_job(
-    args: argparse.Namespace, name: str, elastic: bool, fault_every_s: float | None
-) -> dict:
-    """One run (``name`` under ``--out``): its wall time, the faults, and a timeline of
-    (wall time, highest round logged) sampled every 0.2 s."""
+def _command(args: argparse.Namespace, name: str, overrides: list[str]) -> list[str]:
+    sets = _sets(overrides)
+    launch = [sys.executable, "-m", "diloco", "launch"]
+    if name == "elastic":
+        return [*launch, "local", "--groups", str(args.groups), "--elastic", "--restarts",
+                "1000", *sets]  # fmt: skip
+    if name == "mesh":
+        return torchrun_cmd(args.groups, "-m", "diloco", "train", *sets, restarts=1000)
+    elastic = ["--elastic"] if name == "ray-elastic" else []
+    return [*launch, "ray", "--address", "local", *elastic, "--max-failures", "1000", *sets]
+
+
+def run_job(args: argparse.Namespace, name: str, path: str, fault_every_s: float | None) -> dict:
+    """One run (``name`` under ``--out``) of ``path`` (a :data:`PATHS` name): its wall time, the
+    faults, and a timeline of (wall time, highest round logged) sampled every 0.2 s."""
+    elastic = path.endswith("elastic")
     run_dir = Path(args.out) / name
     if run_dir.exists():
         import shutil
@@ -133,26 +168,12 @@ def run_job(
     overrides = [*_job(args), f"run.out_dir={run_dir}"]
     env = child_env({"OMP_NUM_THREADS": "1", "RUST_LOG": "warn"})
     if elastic:
-        cmd = [
-            sys.executable,
-            "-m",
-            "diloco",
-            "launch",
-            "local",
-            "--groups",
-            str(args.groups),
-            "--elastic",
-            "--restarts",
-            "1000",
-            *_sets(overrides),
-        ]
         metrics = [run_dir / f"group{g}" / "metrics.jsonl" for g in range(args.groups)]
     else:
-        target = ["-m", "diloco", "train", *_sets(overrides)]
-        cmd = torchrun_cmd(args.groups, *target, restarts=1000)
         metrics = [run_dir / "metrics.jsonl"]
     log = open(run_dir.with_suffix(".log"), "w")  # noqa: SIM115 - closed below
     t0 = time.time()
+    cmd = _command(args, path, overrides)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     faults: list[dict] = []
     timeline: list[tuple[float, int]] = []
@@ -164,11 +185,15 @@ def run_job(
         if fault_every_s is None or reached < 1:
             continue
         next_fault = now + fault_every_s if next_fault is None else next_fault
-        if now >= next_fault:  # the clock starts with the first logged round
-            pid = _victim(proc, len(faults), elastic)
+        # The clock starts with the first logged round; a fault waits until the job has logged
+        # a round past the previous fault's (a restart slower than the fault interval would
+        # otherwise be killed again and again, and the run would never end).
+        if now >= next_fault and (not faults or reached > faults[-1]["round"]):
+            pid = _victim(proc, len(faults), path, args.groups)
             if pid is not None:
+                group = len(faults) % args.groups
                 os.kill(pid, signal.SIGKILL)
-                faults.append({"at": time.time(), "pid": pid, "round": reached})
+                faults.append({"at": time.time(), "pid": pid, "round": reached, "group": group})
             next_fault += fault_every_s
     wall = time.time() - t0
     log.close()
@@ -176,6 +201,7 @@ def run_job(
         raise SystemExit(f"{name} failed (status {proc.returncode}); see {log.name}")
     return {
         "name": name,
+        "path": path,
         "elastic": elastic,
         "wall_s": wall,
         "faults": faults,
@@ -196,21 +222,44 @@ def _stall(run: dict, fault: dict) -> float | None:
     )
 
 
+def _group_rounds(run_dir: Path, groups: int) -> int:
+    """Σ over the run's rounds of the groups averaged in each, from every group's records (one
+    per round: log_every = K). Not the summaries' ``group_rounds``: a restarted group's counts
+    only the rounds since its restart, and a group killed near the end writes none."""
+    seen: dict[int, int] = {}
+    for g in range(groups):
+        path = run_dir / f"group{g}" / "metrics.jsonl"
+        for r in _read(path) if path.exists() else []:
+            if "participants" in r:
+                seen[r["outer_step"]] = max(seen.get(r["outer_step"], 0), r["participants"])
+    return sum(seen.values())
+
+
+def _rejoins(run: dict, run_dir: Path) -> tuple[list[float], list[float]]:
+    """Per fault of an elastic run: kill → the killed group's next heal (s), and its MiB."""
+    heals = {}
+    for g in {f["group"] for f in run["faults"]}:
+        records = _read(run_dir / f"group{g}" / "metrics.jsonl")
+        heals[g] = [r for r in records if r.get("healed_self")]
+    rejoin, mib = [], []
+    for f in run["faults"]:
+        heal = next((h for h in heals[f["group"]] if h["healed_at"] > f["at"]), None)
+        if heal is not None:
+            rejoin.append(heal["healed_at"] - f["at"])
+            mib.append(heal["heal_bytes"] / 2**20)
+    return rejoin, mib
+
+
 def measure(args: argparse.Namespace, run: dict) -> dict:
     """The table row of one run (module docstring)."""
     run_dir, K, G = Path(run["run_dir"]), args.sync_every, args.groups
     rejoin, heal_mb = [], []
     if run["elastic"]:
-        summaries = [
-            json.loads((run_dir / f"group{g}" / "summary.json").read_text()) for g in range(G)
-        ]
-        # A group that was away did not see every round; the most complete view counts them.
-        useful = K * max(s["group_rounds"] for s in summaries)
-        report = json.loads((run_dir / "elastic.json").read_text())
-        for r in (r for g in report["groups"] for r in g["recoveries"]):
-            if r["recovery_s"] is not None:
-                rejoin.append(r["recovery_s"])
-                heal_mb.append(r["heal_bytes"] / 2**20)
+        paths = [run_dir / f"group{g}" / "summary.json" for g in range(G)]
+        # A group restarted after the last round finds the run finished and writes none.
+        summaries = [json.loads(p.read_text()) for p in paths if p.exists()]
+        useful = K * _group_rounds(run_dir, G)
+        rejoin, heal_mb = _rejoins(run, run_dir)
         val, train_wall = summaries[0]["final_val_loss"], max(s["wall_s"] for s in summaries)
     else:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -220,6 +269,7 @@ def measure(args: argparse.Namespace, run: dict) -> dict:
     syncs = [r["reduce_s"] for r in _read(first) if "reduce_s" in r]
     return {
         "run": run["name"],
+        "path": run["path"],
         "faults": len(run["faults"]),
         "wall_s": run["wall_s"],
         "train_wall_s": train_wall,
@@ -239,7 +289,7 @@ def _fmt(x, spec: str) -> str:
 
 def report(args: argparse.Namespace, rows: list[dict]) -> str:
     """The Markdown table; goodput against each path's own no-fault rate."""
-    base = {r["run"].split("-")[0]: r["useful_per_s"] for r in rows if r["faults"] == 0}
+    base = {r["path"]: r["useful_per_s"] for r in rows if r["faults"] == 0}
     lines = [
         f"G = {args.groups} groups × S = 1, K = {args.sync_every}, {args.rounds} rounds, "
         f"checkpoint every {args.checkpoint_every} rounds, heartbeat timeout "
@@ -250,22 +300,37 @@ def report(args: argparse.Namespace, rows: list[dict]) -> str:
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
-        goodput = r["useful_per_s"] / base[r["run"].split("-")[0]]
+        goodput = r["useful_per_s"] / base[r["path"]]
         lines.append(
             f"| {r['run']} | {r['faults']} | {r['wall_s']:.1f} | {r['useful_steps']} | "
             f"{r['useful_per_s']:.1f} | {goodput:.1%} | {_fmt(r['stall_s'], '.1f')} | "
             f"{_fmt(r['rejoin_s'], '.1f')} | {_fmt(r['heal_mb'], '.2f')} | "
             f"{r['final_val_loss']:.4f} |"
         )
-    mesh, elastic = (next(r for r in rows if r["run"] == n) for n in ("mesh", "elastic"))
-    mesh_round, elastic_round = (r["train_wall_s"] / args.rounds for r in (mesh, elastic))
-    lines += [
-        "",
-        f"No faults: a round takes {mesh_round:.3f} s (mesh) and {elastic_round:.3f} s (elastic):"
-        f" {elastic_round / mesh_round - 1:+.1%}; the sync itself (Δ averaged, incl. the quorum)"
-        f" {mesh['sync_ms']:.1f} ms (mesh) vs {elastic['sync_ms']:.1f} ms (elastic): "
-        f"{(elastic['sync_ms'] - mesh['sync_ms']) / 1e3 / mesh_round:+.2%} of a mesh round.",
-    ]
+    lines.append("")
+    no_fault = {r["run"]: r for r in rows if r["faults"] == 0}
+    for launcher in args.launchers:
+        e_name, m_name = PATHS[launcher]
+        elastic, mesh = no_fault[e_name], no_fault[m_name]
+        mesh_round, elastic_round = (r["train_wall_s"] / args.rounds for r in (mesh, elastic))
+        lines.append(
+            f"No faults, {launcher}: a round takes {mesh_round:.3f} s ({m_name}) and "
+            f"{elastic_round:.3f} s ({e_name}): {elastic_round / mesh_round - 1:+.1%}; the sync "
+            f"itself (Δ averaged, incl. the quorum) {mesh['sync_ms']:.1f} ms vs "
+            f"{elastic['sync_ms']:.1f} ms: "
+            f"{(elastic['sync_ms'] - mesh['sync_ms']) / 1e3 / mesh_round:+.2%} of a mesh round."
+        )
+    rejoin = {}  # per elastic path: the median of its fault runs' medians
+    for path in ("elastic", "ray-elastic"):
+        values = [r["rejoin_s"] for r in rows if r["path"] == path and r["rejoin_s"] is not None]
+        if values:
+            rejoin[path] = statistics.median(values)
+    if len(rejoin) == 2:
+        lines.append(
+            f"Restart latency (kill → the group back in the quorum, median): "
+            f"{rejoin['elastic']:.1f} s (launch local) vs {rejoin['ray-elastic']:.1f} s (Ray): "
+            f"Ray adds {rejoin['ray-elastic'] - rejoin['elastic']:+.1f} s."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -279,18 +344,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
     p.add_argument("--quick", action="store_true", help="12 rounds, faults every 5 rounds only")
     p.add_argument("--out", default="bench_results/elastic")
+    p.add_argument(
+        "--launchers",
+        default="local,ray",
+        help="comma-separated: local (launch local --elastic vs torchrun), ray (launch ray "
+        "--elastic vs launch ray)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     args = p.parse_args(argv)
+    args.launchers = [x.strip() for x in args.launchers.split(",") if x.strip()]
+    if not args.launchers or set(args.launchers) - set(PATHS):
+        p.error(f"--launchers: a comma-separated choice of {', '.join(PATHS)}")
     if args.quick:
         args.rounds, args.every = 12, "5"
     args.load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    runs = [run_job(args, "elastic", True, None), run_job(args, "mesh", False, None)]
-    round_s = measure(args, runs[0])["train_wall_s"] / args.rounds
+    paths = [p for launcher in args.launchers for p in PATHS[launcher]]
+    runs = [run_job(args, path, path, None) for path in paths]
+    round_s = measure(args, runs[0])["train_wall_s"] / args.rounds  # the first elastic path's
     for n in (int(x) for x in args.every.split(",")):
-        for elastic in (True, False):
-            name = f"{'elastic' if elastic else 'mesh'}-every{n}"
-            runs.append(run_job(args, name, elastic, n * round_s))
+        for path in paths:
+            runs.append(run_job(args, f"{path}-every{n}", path, n * round_s))
     rows = [measure(args, r) for r in runs]
     table = report(args, rows)
     print(table, end="")

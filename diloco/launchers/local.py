@@ -13,7 +13,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["REPO", "child_env", "free_port", "torchrun_cmd"]
+from diloco.errors import DilocoError
+
+__all__ = ["REPO", "child_env", "free_port", "free_port_pair", "torchrun_cmd"]
 
 #: The checkout this package lives in (put on the children's PYTHONPATH).
 REPO = Path(__file__).resolve().parents[2]
@@ -24,6 +26,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A TCP port p on ``host`` with p + 1 free too (an elastic coordinator's lighthouse and
+    rendezvous store)."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind((host, 0))
+            port = a.getsockname()[1]
+            try:
+                with socket.socket() as b:
+                    b.bind((host, port + 1))
+            except OSError:
+                continue
+            return port
+    raise DilocoError(f"no free pair of ports on {host} for the coordinator")
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -31,6 +31,9 @@ What Ray adds over ``torchrun`` and what it does not change:
   files under ``$RAY_TMPDIR`` (default ``/tmp/ray-<uid>``: Unix socket paths must stay short);
   shut down at the end.
 
+* **Elastic groups** (``--elastic`` or ``topology.elastic``): one Ray Train run per worker group
+  and a coordinator actor; a failed group restarts alone (:mod:`diloco.launchers.ray_elastic`).
+
 Before ``fit()`` the cluster's resources are checked
 (:func:`diloco.launchers.ray_plan.check_resources`): a job that cannot be placed fails at once
 with one line instead of waiting for resources forever. The worker function is
@@ -40,6 +43,7 @@ with one line instead of waiting for resources forever. The worker function is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -53,10 +57,13 @@ from typing import Any
 from diloco.config import Config, config_to_dict, load_config
 from diloco.errors import ConfigError, DilocoError
 from diloco.files import read_json, write_text_atomic
+from diloco.job.elastic import group_config
 from diloco.launchers.ray_plan import (
     RayLaunchError,
     WorkerPlan,
     check_resources,
+    failure_detail,
+    find_diloco_error,
     plan_workers,
 )
 from diloco.launchers.ray_worker import train_worker
@@ -135,13 +142,15 @@ def _local_gpus() -> int:
 
 
 def _worker_env(plan: WorkerPlan) -> dict[str, str]:
-    """Environment of the Ray workers: thread count, unbuffered logs, diloco's test hooks."""
+    """Environment of the Ray workers: thread count, unbuffered logs, torchft's log level,
+    diloco's test hooks."""
     env = {
         "OMP_NUM_THREADS": os.environ.get(
             "OMP_NUM_THREADS", str(max(1, int(plan.cpus_per_worker)))
         ),
         "PYTHONUNBUFFERED": "1",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # diloco's stderr lines once, as written
+        "RUST_LOG": os.environ.get("RUST_LOG", "warn"),  # torchft's clients (elastic groups)
     }
     env.update({k: v for k, v in os.environ.items() if k.startswith("DILOCO_")})
     return env
@@ -188,6 +197,25 @@ def _prepare_resume(cfg: Config, resume: str | None, force: bool) -> tuple[str |
     return resume, force
 
 
+def _prepare_group_resume(cfg: Config, resume: str | None, force: bool) -> tuple[str | None, bool]:
+    """:func:`_prepare_resume` for every elastic group's own run directory (``RUN_DIR/group<g>``).
+
+    Raises:
+        ConfigError: ``--resume PATH`` (each group resumes its own checkpoints).
+    """
+    if resume not in (None, "auto", "never"):
+        raise ConfigError(
+            f"--resume {resume} does not fit elastic groups: each group resumes its own "
+            "RUN_DIR/group<g>/checkpoints; use --resume auto or never"
+        )
+    first = (resume, force)
+    for g in range(cfg.topology.groups):
+        topology = dataclasses.replace(cfg.topology, group_id=g)
+        first = _prepare_resume(group_config(dataclasses.replace(cfg, topology=topology)),
+                                resume, force)  # fmt: skip
+    return first
+
+
 def launch_ray(
     cfg: Config,
     address: str | None = None,
@@ -196,8 +224,13 @@ def launch_ray(
     max_failures: int = 2,
     cpus_per_worker: float = 1.0,
     storage_path: str | None = None,
+    coordinator_port: int = 0,
 ) -> dict[str, Any]:
     """Train ``cfg`` on G·S Ray workers; returns the run's summary (``summary.json``).
+
+    ``topology.elastic``: one Ray Train run per group and a coordinator actor
+    (:mod:`diloco.launchers.ray_elastic`; ``coordinator_port``: its port, 0 = a free one); the
+    summary is then group 0's with ``restarts`` per group (each group's is in its directory).
 
     ``address``: ``local`` (start a private Ray on this machine and stop it at the end),
     ``auto`` (the running cluster), ``ray://host:port`` or ``host:port``; None: ``RAY_ADDRESS``
@@ -212,8 +245,14 @@ def launch_ray(
     """
     if max_failures < 0:
         raise RayLaunchError(f"--max-failures must be >= 0, got {max_failures}")
-    resume, force = _prepare_resume(cfg, resume, force)
+    elastic = cfg.topology.elastic
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if elastic and address.startswith("ray://"):
+        raise RayLaunchError(
+            "elastic groups need the driver on a cluster node (the coordinator runs on it): "
+            "use --address auto there, or ray job submit, not Ray Client (ray://)"
+        )
+    resume, force = (_prepare_group_resume if elastic else _prepare_resume)(cfg, resume, force)
     connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     local = address == "local" and not connected  # a private Ray, started (and stopped) here
     _ray_env(local)
@@ -221,7 +260,8 @@ def launch_ray(
         gpus = _local_gpus()
         plan = plan_workers(cfg, cpus_per_worker, gpus_available=gpus > 0)
         # The cluster is sized from the topology; only GPUs can be missing.
-        check_resources(plan, [{"CPU": plan.cpus_per_worker * plan.workers, "GPU": float(gpus)}])
+        cluster = [{"CPU": plan.cpus_per_worker * plan.workers, "GPU": float(gpus)}]
+        check_resources(plan, cluster, whole_groups=elastic)
     elif not connected:
         _check_reachable(address)
     ray = _import_ray()
@@ -238,7 +278,14 @@ def launch_ray(
                 _temp_dir=_ray_tmpdir(),
             )
         else:
-            ray.init(address=address)
+            try:
+                ray.init(address=address)
+            except (ConnectionError, RuntimeError) as e:
+                lines = [line for line in str(e).splitlines() if line.strip()]
+                raise RayLaunchError(
+                    f"cannot connect to Ray at --address {address}: "
+                    f"{lines[-1].strip() if lines else type(e).__name__}"
+                ) from None
         started = True
     init_s = time.perf_counter() - t0
     try:
@@ -246,10 +293,11 @@ def launch_ray(
         if not local:
             gpus_seen = sum(n.get("GPU", 0.0) for n in nodes) > 0
             plan = plan_workers(cfg, cpus_per_worker, gpus_available=gpus_seen)
-        note = check_resources(plan, nodes)
+        note = check_resources(plan, nodes, whole_groups=elastic)
         if note:
             print(f"diloco: warning: {note}", file=sys.stderr, flush=True)
-        return _fit(ray, cfg, plan, resume, force, max_failures, storage_path, init_s)
+        run = (resume, force, max_failures, storage_path)
+        return _fit(ray, cfg, plan, run, init_s, coordinator_port)
     finally:
         if started:
             ray.shutdown()
@@ -259,12 +307,11 @@ def _fit(
     ray,
     cfg: Config,
     plan: WorkerPlan,
-    resume: str | None,
-    force: bool,
-    max_failures: int,
-    storage_path: str | None,
+    run: tuple[str | None, bool, int, str | None],
     init_s: float,
+    coordinator_port: int,
 ) -> dict[str, Any]:
+    """``fit()`` the job (``run``: resume, force, max_failures, storage_path); its summary."""
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -273,6 +320,7 @@ def _fit(
     )
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    resume, force, max_failures, storage_path = run
     out_dir = Path(cfg.run.out_dir).absolute()
     name = _run_name(out_dir)
     ray_dir = out_dir / "ray"
@@ -284,34 +332,46 @@ def _fit(
         ) from None
     config = config_to_dict(cfg)
     config["run"]["out_dir"] = str(out_dir)  # absolute: not part of the resume fingerprint
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "config": config,
-            "resume": resume,
-            "force": force,
-            "cwd": os.getcwd(),
-            "ray_dir": str(ray_dir),
-            "run_name": name,
-        },
-        torch_config=TorchConfig(backend=plan.backend, timeout_s=cfg.topology.timeout_s),
-        scaling_config=ScalingConfig(
-            num_workers=plan.workers,
-            use_gpu=plan.use_gpu,
-            resources_per_worker=plan.resources,
-            placement_strategy="PACK",
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path or str(ray_dir),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
-            worker_runtime_env={"env_vars": _worker_env(plan)},
-        ),
-    )
+
+    def make_trainer(
+        run_name: str, workers: int, placement: str, topology: dict[str, Any], env: dict[str, str]
+    ) -> TorchTrainer:
+        return TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "config": {**config, "topology": {**config["topology"], **topology}},
+                "resume": resume,
+                "force": force,
+                "cwd": os.getcwd(),
+                "ray_dir": str(ray_dir),
+                "run_name": run_name,
+            },
+            torch_config=TorchConfig(backend=plan.backend, timeout_s=cfg.topology.timeout_s),
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=plan.use_gpu,
+                resources_per_worker=plan.resources,
+                placement_strategy=placement,
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage_path or str(ray_dir),
+                failure_config=FailureConfig(max_failures=max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+                worker_runtime_env={"env_vars": {**_worker_env(plan), **env}},
+            ),
+        )
+
     # Ray's controller polls each worker for one report per interval (default 2 s); this run
     # reports once per log step. Ray passes the variable on to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    if cfg.topology.elastic:
+        from diloco.launchers.ray_elastic import run_groups
+
+        return run_groups(
+            ray, cfg, plan, name, ray_dir, make_trainer, max_failures, init_s, coordinator_port
+        )
+    trainer = make_trainer(name, plan.workers, "PACK", {}, {})
     print(
         f"diloco: Ray run {name}: {plan.workers} workers ({plan.layout}, "
         f"{plan.resources} each, {plan.backend}); Ray connected "
@@ -338,30 +398,15 @@ def fit_error(e: BaseException, max_failures: int) -> DilocoError:
     """One line for a failed ``fit()``: a worker's DilocoError as it is, else what died where."""
     failures = getattr(e, "worker_failures", None) or {}
     for _rank, err in sorted(failures.items()):
-        found = _find_diloco_error(err)
+        found = find_diloco_error(err)
         if found is not None:
             return found
     if failures:
-        rank, err = sorted(failures.items())[0]
-        what = " ".join(str(err).split())[:300]
         return RayLaunchError(
-            f"Ray workers failed after {max_failures} restart(s) (--max-failures); rank {rank}: "
-            f"{type(err).__name__}: {what}"
+            f"Ray workers failed after {max_failures} restart(s) (--max-failures); "
+            f"{failure_detail(e)}"
         )
-    return RayLaunchError(
-        f"Ray training failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
-    )
-
-
-def _find_diloco_error(err: BaseException | None) -> DilocoError | None:
-    """The DilocoError behind a (possibly wrapped) worker exception, if any."""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, DilocoError):
-            return err
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
-        seen += 1
-    return None
+    return RayLaunchError(f"Ray training failed: {failure_detail(e)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +430,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-failures",
         type=int,
         default=2,
-        help="worker-group restarts after a failure (Ray FailureConfig; default: %(default)s)",
+        help="worker-group restarts after a failure (Ray FailureConfig; with --elastic per "
+        "group; default: %(default)s)",
     )
     p.add_argument(
         "--cpus-per-worker",
@@ -395,14 +441,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "OMP_NUM_THREADS unless that is set",
     )
     p.add_argument(
+        "--elastic",
+        action="store_true",
+        help="topology.elastic=true: one Ray Train run per worker group (its workers on one "
+        "node) and a coordinator actor; a failed group restarts alone (docs/ray.md)",
+    )
+    p.add_argument(
+        "--coordinator-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="elastic: the coordinator's port on the driver's node (PORT+1 too; default: free)",
+    )
+    p.add_argument(
         "--storage-path",
         help="where Ray keeps its copies of the reported checkpoints (default: RUN_DIR/ray; "
         "a path on shared storage or s3://… on a multi-node cluster)",
     )
 
 
+#: Placeholders that let an elastic config load in the driver; each group gets its own.
+ELASTIC_PROBE = ("topology.group_id=0", "topology.coordinator=127.0.0.1:1")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The job's config; with ``--elastic`` or ``topology.elastic: true`` in it, loaded with
+    :data:`ELASTIC_PROBE` (the per-group keys the launcher sets)."""
+    if args.elastic:
+        return load_config(args.config, [*args.overrides, "topology.elastic=true", *ELASTIC_PROBE])
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        try:  # the config itself may ask for elastic groups
+            cfg = load_config(args.config, [*args.overrides, *ELASTIC_PROBE])
+        except ConfigError:
+            raise e from None
+        if not cfg.topology.elastic:
+            raise e from None
+        return cfg
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     summary = launch_ray(
         cfg,
         address=args.address,
@@ -411,11 +491,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         cpus_per_worker=args.cpus_per_worker,
         storage_path=args.storage_path,
+        coordinator_port=args.coordinator_port,
     )
+    restarts = f"; restarts per group {summary['restarts']}" if "restarts" in summary else ""
     print(
         f"final val loss {summary['final_val_loss']:.4f} after {summary['steps']} steps "
         f"({summary['tokens']} tokens, {summary['wall_s']:.1f} s; Ray start "
-        f"{summary['ray_init_s']:.1f} s, fit {summary['ray_fit_s']:.1f} s); outputs in "
-        f"{cfg.run.out_dir}"
+        f"{summary['ray_init_s']:.1f} s, fit {summary['ray_fit_s']:.1f} s{restarts}); outputs "
+        f"in {cfg.run.out_dir}"
     )
     return 0

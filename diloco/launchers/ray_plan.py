@@ -3,18 +3,28 @@
 :func:`plan_workers` turns the topology and the per-worker CPU/GPU request into a
 :class:`WorkerPlan`; :func:`check_resources` says, before ``fit()``, whether a cluster (its
 nodes' resources) can place it, so that a job that cannot be placed fails at once with one line
-instead of waiting for resources forever.
+instead of waiting for resources forever. :func:`failure_detail` says in one line why a
+``fit()`` failed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from diloco.config import Config
 from diloco.errors import DilocoError, TopologyError
 
-__all__ = ["RayLaunchError", "RayResourceError", "WorkerPlan", "check_resources", "plan_workers"]
+__all__ = [
+    "RayLaunchError",
+    "RayResourceError",
+    "WorkerPlan",
+    "check_resources",
+    "failure_detail",
+    "find_diloco_error",
+    "plan_workers",
+]
 
 
 class RayLaunchError(DilocoError):
@@ -84,12 +94,16 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def check_resources(plan: WorkerPlan, nodes: Sequence[Mapping[str, float]]) -> str | None:
+def check_resources(
+    plan: WorkerPlan, nodes: Sequence[Mapping[str, float]], whole_groups: bool = False
+) -> str | None:
     """Raise if the alive ``nodes`` (their total resources) cannot hold every worker.
 
     A worker needs all of ``plan.resources`` on one node, so node n holds
-    min over r of floor(node[r] / need[r]) workers. Returns a warning when the workers fit but
-    not every group fits on one node (FSDP traffic would cross nodes), else None.
+    min over r of floor(node[r] / need[r]) workers. ``whole_groups`` (elastic groups, placed
+    ``STRICT_PACK``): each group's S workers must also share one node, so node n holds
+    floor(workers_n / S) groups. Returns a warning when the workers fit but not every group fits
+    on one node (FSDP traffic would cross nodes), else None.
 
     Raises:
         RayResourceError: one line: what is needed, what the cluster has, what to change.
@@ -100,8 +114,8 @@ def check_resources(plan: WorkerPlan, nodes: Sequence[Mapping[str, float]]) -> s
         return min(int(node.get(r, 0.0) / amount + 1e-9) for r, amount in need.items())
 
     caps = [capacity(n) for n in nodes]
-    if sum(caps) >= plan.workers:
-        per_node_groups = sum(c // plan.shards for c in caps)
+    per_node_groups = sum(c // plan.shards for c in caps)
+    if sum(caps) >= plan.workers and not (whole_groups and per_node_groups < plan.groups):
         if plan.shards > 1 and per_node_groups < plan.groups:
             return (
                 f"the cluster's nodes hold only {_count(per_node_groups, 'whole group')} of "
@@ -120,8 +134,48 @@ def check_resources(plan: WorkerPlan, nodes: Sequence[Mapping[str, float]]) -> s
                 f"{' or --cpus-per-worker' if r == 'CPU' else ''}, or add nodes"
             )
     need_text = ", ".join(f"{_fmt(v)} {k}" for k, v in need.items())
+    if sum(caps) >= plan.workers:  # enough workers, but a group would have to span nodes
+        raise RayResourceError(
+            f"the cluster's nodes can hold only {per_node_groups} of the {layout} as whole "
+            f"groups (elastic: a group's {plan.shards} workers share one node, each needs "
+            f"{need_text}); lower topology.shards or --cpus-per-worker, or add larger nodes"
+        )
     raise RayResourceError(
         f"the cluster's nodes can hold only {sum(caps)} of the {plan.workers} workers for "
         f"{layout} (each needs {need_text} on one node); lower --cpus-per-worker or "
         "topology.groups/shards, or add nodes"
     )
+
+
+def find_diloco_error(err: BaseException | None) -> DilocoError | None:
+    """The DilocoError behind a (possibly wrapped) worker exception, if any."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, DilocoError):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def failure_detail(e: BaseException) -> str:
+    """One line on a failed ``fit()``: a worker's DilocoError as it is, else what died where
+    (``rank R: Type: message``; a long message, such as Ray's report of a dead worker, is cut to
+    its first sentence and the worker's pid)."""
+    failures = getattr(e, "worker_failures", None) or {}
+    for _rank, err in sorted(failures.items()):
+        found = find_diloco_error(err)
+        if found is not None:
+            return str(found)
+    if failures:
+        rank, err = sorted(failures.items())[0]
+        return f"rank {rank}: {type(err).__name__}: {_brief(str(err))}"
+    return f"{type(e).__name__}: {_brief(str(e))}"
+
+
+def _brief(message: str, limit: int = 200) -> str:
+    text = " ".join(message.split())
+    if len(text) <= limit:
+        return text
+    pid = re.search(r"\bpid=(\d+)", text)
+    return text.split(". ")[0][:limit] + (f" (worker pid {pid.group(1)})" if pid else "") + " …"

@@ -20,6 +20,7 @@ from typing import Any
 from diloco.config import config_from_dict
 from diloco.errors import DilocoError, note, warn, write_line
 from diloco.job import events
+from diloco.job.elastic import group_dir
 
 __all__ = ["choose_resume", "stage_checkpoint", "train_worker"]
 
@@ -166,19 +167,18 @@ class _RayReporter:
         )
 
 
-def _report_placement(rank: int, shards: int) -> None:
+def _report_placement(rank: int, shards: int, group: int, elastic: bool) -> None:
     """Each node's first worker prints which ranks and groups it holds, and warns if a group
-    spans nodes (Ray Train gives a node's workers contiguous ranks)."""
+    spans nodes (Ray Train gives a node's workers contiguous ranks). ``elastic``: the ranks are
+    those of elastic group ``group``'s own world."""
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return
     import ray
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     last = rank + local_world - 1
-    note(
-        f"node {ray.util.get_node_ip_address()}: ranks {rank}-{last}, "
-        f"groups {rank // shards}-{last // shards}"
-    )
+    groups = f"group {group}" if elastic else f"groups {rank // shards}-{last // shards}"
+    note(f"node {ray.util.get_node_ip_address()}: ranks {rank}-{last}, {groups}")
     if rank % shards or local_world % shards:
         warn(
             f"this node runs {local_world} workers, not a multiple of "
@@ -197,16 +197,18 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["config"])
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    _report_placement(rank, cfg.topology.shards)
+    topology = cfg.topology
+    _report_placement(rank, topology.shards, topology.group_id, topology.elastic)
+    run_dir = Path(cfg.run.out_dir)
+    if topology.elastic:  # the group's own run directory
+        run_dir = group_dir(run_dir, topology.group_id)
     ray_dir, name = Path(config["ray_dir"]), config["run_name"]
     attempt = _count_attempt(ray_dir / f"{name}.attempts", rank)
     first = (config["resume"], config["force"])
     if attempt == 0:
         resume, force = first
     else:
-        resume, force = choose_resume(
-            Path(cfg.run.out_dir), _ray_checkpoint_dir(), first, rank == 0
-        )
+        resume, force = choose_resume(run_dir, _ray_checkpoint_dir(), first, rank == 0)
     reporter = _RayReporter(rank, world, attempt, ray_dir / f"{name}.staging")
     try:
         train(cfg, resume=resume, force=force, on_log=reporter.on_log,

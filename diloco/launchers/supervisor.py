@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from diloco.errors import ConfigError, DilocoError, note
-from diloco.launchers.local import child_env, free_port, torchrun_cmd
+from diloco.launchers.local import child_env, free_port, free_port_pair, torchrun_cmd
 
 __all__ = ["GroupProcess", "Supervisor", "add_arguments", "run_from_args"]
 
@@ -93,23 +93,6 @@ class GroupProcess:
                 pass
 
 
-def _port_pair() -> int:
-    """A loopback port p with p + 1 free too (the coordinator's lighthouse and store)."""
-    import socket
-
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                with socket.socket() as b:
-                    b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise DilocoError("no free pair of loopback ports for the coordinator")
-
-
 class Supervisor:
     """Runs and watches an elastic job's coordinator and groups (module docstring).
 
@@ -138,7 +121,7 @@ class Supervisor:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.restarts = restarts
         self.env = env
-        self.port = _port_pair()
+        self.port = free_port_pair()
         self.address = f"127.0.0.1:{self.port}"
         py = sys.executable
         self.coordinator = GroupProcess(
