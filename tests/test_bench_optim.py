@@ -1,5 +1,6 @@
-"""``diloco bench optim``: compute-factor arithmetic on synthetic curves, the run scheduler, and
-a tiny --quick run.
+"""``diloco bench optim``: compute-factor arithmetic on synthetic curves, the run scheduler, the
+tuning protocol (every horizon tuned, grids extended past an edge) on synthetic losses, and a
+tiny --quick run.
 
 Compute factor = x the baseline needs to reach its own final val loss ÷ x the method needs to
 reach that loss, where "reach" is the first crossing of the eval curve, interpolated linearly.
@@ -21,8 +22,11 @@ from diloco.bench.compute_factor import (
     mean_curve,
     reach_point,
 )
+from diloco.bench.optim import _run_protocol
+from diloco.bench.plan import BY_NAME, MAX_EXTENSIONS, Plan, beyond_edge
 from diloco.bench.runner import _Slots
 from diloco.cli import main
+from diloco.config import Config, config_to_dict
 
 # Baseline: loss 5 - 0.003 x, evaluated every 100; final loss 2.0 at x = 1000.
 BASELINE = [(x, 5 - 0.003 * x) for x in range(0, 1001, 100)]
@@ -205,3 +209,96 @@ def test_results_do_not_depend_on_how_many_runs_go_at_once(tmp_path):
             ]
         )
     assert tables[0] == tables[1]
+
+
+# --- the tuning protocol, on synthetic losses ---------------------------------------------------
+
+
+class _FakeRunner:
+    """Answers every run with ``loss(settings, steps)`` instead of training; records the runs."""
+
+    def __init__(self, loss):
+        self.loss, self.runs, self._lock = loss, [], threading.Lock()
+
+    def run_all(self, specs):
+        results = []
+        for s in specs:
+            with self._lock:
+                self.runs.append((s.steps, s.seed, s.method, dict(s.settings)))
+            result = {"size": s.size, "steps": s.steps, "method": s.method, "seed": s.seed}
+            loss = self.loss(s.settings, s.steps)
+            results.append({**result, "settings": s.settings, "final_val_loss": loss})
+        return results
+
+    def close(self):
+        pass
+
+
+def _plan(methods, horizons=(10, 20)) -> Plan:
+    return Plan(
+        base=config_to_dict(Config()),
+        sizes={"t": {}},
+        horizons=list(horizons),
+        seeds=2,
+        lr_grid=[1e-3, 2e-3, 4e-3],
+        muon_lr_grid=[0.01, 0.02, 0.04],
+        outer_grid=[(8, 0.5, 0.5), (8, 0.7, 0.5), (8, 1.0, 0.5)],
+        methods=[BY_NAME[name] for name in methods],
+    )
+
+
+def _bowl(best_lr):
+    """Loss with its minimum at ``best_lr[steps]`` (log scale); η 0.7 is best for SNOO."""
+
+    def loss(settings, steps):
+        eta = math.log(settings.get("outer.lr", 0.7) / 0.7) ** 2
+        return 2 + math.log(settings["inner.lr"] / best_lr[steps]) ** 2 + eta
+
+    return loss
+
+
+def _lrs_tried(runner, steps, method="adamw"):
+    return sorted({s["inner.lr"] for h, seed, m, s in runner.runs if (h, m) == (steps, method)})
+
+
+def test_each_horizon_has_its_own_tuned_setting():
+    runner = _FakeRunner(_bowl({10: 2e-3, 20: 1e-3 * 2**0.1}))  # the longer run: a lower LR
+    best, _ = _run_protocol(_plan(["adamw", "snoo_adamw"]), runner)
+    assert best["t"][10]["adamw"] == {"inner.lr": 2e-3}
+    assert best["t"][20]["adamw"] == {"inner.lr": 1e-3}
+    # SNOO's outer sweep at each horizon starts from AdamW's LR tuned at that horizon
+    outer_sweeps = {
+        (h, s["inner.lr"])
+        for h, _, m, s in runner.runs
+        if m == "snoo_adamw" and s["outer.lr"] != 0.7
+    }
+    assert outer_sweeps == {(10, 2e-3), (20, 1e-3)}
+    # each horizon is measured (seed 1) at its own best setting; seed 0 is the tuning run
+    measured = {(h, m, s["inner.lr"]) for h, seed, m, s in runner.runs if seed == 1}
+    assert {(10, "adamw", 2e-3), (20, "adamw", 1e-3)} <= measured
+
+
+def test_a_grid_whose_best_sits_at_the_edge_is_extended():
+    runner = _FakeRunner(_bowl({10: 8e-3 * 1.1, 20: 5e-4 * 0.9}))
+    best, _ = _run_protocol(_plan(["adamw"]), runner)
+    assert _lrs_tried(runner, 10) == [1e-3, 2e-3, 4e-3, 8e-3, 0.016]  # until the best is inside
+    assert best["t"][10]["adamw"] == {"inner.lr": 8e-3}
+    assert _lrs_tried(runner, 20) == [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]  # downwards too
+    assert best["t"][20]["adamw"] == {"inner.lr": 5e-4}
+
+
+def test_grid_extension_stops_after_max_extensions():
+    runner = _FakeRunner(_bowl({10: 1.0}))
+    best, _ = _run_protocol(_plan(["adamw"], horizons=[10]), runner)
+    assert len(_lrs_tried(runner, 10)) == 3 + MAX_EXTENSIONS
+    assert best["t"][10]["adamw"] == {"inner.lr": 4e-3 * 2**MAX_EXTENSIONS}
+
+
+def test_beyond_edge_steps_on_each_knob_scale():
+    lrs = [{"inner.lr": lr} for lr in (1e-3, 2e-3, 4e-3)]
+    assert beyond_edge(lrs, lrs[1]) == []  # inside the grid
+    assert beyond_edge(lrs, lrs[0]) == [{"inner.lr": 5e-4}]
+    outer = [{"outer.sync_every": k, "outer.momentum": mu} for k, mu in ((8, 0.5), (32, 0.9))]
+    # μ on the logit scale stays inside (0, 1); K (the traffic choice) is not extended
+    assert beyond_edge(outer, outer[1]) == [{"outer.sync_every": 32, "outer.momentum": 0.9878}]
+    assert beyond_edge(outer, outer[0]) == [{"outer.sync_every": 8, "outer.momentum": 0.1}]

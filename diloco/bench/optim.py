@@ -1,22 +1,26 @@
 """``diloco bench optim``: one GPT, one corpus, one token budget, several optimisers.
 
 Does SNOO / EMA-Nesterov / DiLoCo beat a *tuned* AdamW (and Muon) here? Protocol, per model
-size (``--sizes``), with horizons ``--steps`` (the first, shortest one is the tuning horizon):
+size (``--sizes``) and per horizon (``--steps``): every method is tuned at every horizon it is
+reported at, since the best LR of a short run is not the best of a long one.
 
-1. **Tune** on the short horizon with seed 0, picking the lowest final val loss:
+1. **Tune** at the horizon with seed 0, picking the lowest final val loss:
    - every method's inner LR from the same grid: ``--lr-grid`` for AdamW-inner methods,
      ``--muon-lr-grid`` (the matrices' LR) for Muon-inner ones, whose AdamW part (embeddings,
      norms) keeps the middle value of ``--lr-grid``;
    - SNOO (outer Nesterov, one group): the outer grid (K, η, μ) at the tuned LR of its base
-     (AdamW or Muon), then the LR grid at the best outer setting (coordinate descent: the full
-     K × η × μ × LR product does not fit a CPU budget);
+     (AdamW or Muon) at the same horizon, then the LR grid at the best outer setting
+     (coordinate descent: the full K × η × μ × LR product does not fit a CPU budget);
    - EMA-Nesterov (outer lr 1, m initialised to the first increment, β = 0 for the first 30% and
      last 10% of the steps): K=1 (the paper's form) with AdamW (β 0.7, γ 0.99) and Muon
-     (β 0.5, γ 0.995) inside, and K=8 with AdamW;
+     (β 0.5, γ 0.995), and K=8 with AdamW;
    - DiLoCo with G=2 groups (each its own batch; a torchrun subprocess of 2 ranks) at SNOO-AdamW's
      tuned outer setting, against data-parallel AdamW with a 2x batch: equal tokens per step.
-2. **Measure**: each method's best setting runs every horizon with ``--seeds`` seeds (seed 0 of
-   the tuning horizon is the tuning run itself, from the cache).
+   Whenever a sweep's best point sits at the edge of its grid (the lowest or highest LR, η or
+   μ tried), the sweep goes one step further out on that knob
+   (:func:`diloco.bench.plan.beyond_edge`), up to ``MAX_EXTENSIONS`` times in a row.
+2. **Measure**: each method's best setting at a horizon runs there with ``--seeds`` seeds (seed 0
+   is the tuning run itself, from the cache).
 3. **Report**: final val loss (mean ± std over seeds, on the slow weights θ) and the compute
    factor (:mod:`diloco.bench.compute_factor`) on the seed-mean eval curves, with tokens as x:
    vs tuned AdamW, vs tuned Muon, and for the G=2 pair vs the 2x-batch AdamW.
@@ -56,9 +60,11 @@ from diloco.bench.plan import (
     BASELINES,
     BY_NAME,
     DP_FAMILY,
+    MAX_EXTENSIONS,
     Method,
     Plan,
     announce,
+    beyond_edge,
     device_of,
     make_plan,
     spec,
@@ -88,21 +94,36 @@ def _outer_part(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tune_method(
-    plan: Plan, runner: Runner, size: str, m: Method, tuned: Callable[[str], dict[str, Any]]
+    plan: Plan,
+    runner: Runner,
+    size: str,
+    steps: int,
+    m: Method,
+    tuned: Callable[[str], dict[str, Any]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``m``'s best setting at the tuning horizon (seed 0) and its tuning results, in order.
+    """``m``'s best setting at horizon ``steps`` (seed 0) and its tuning results, in order.
 
-    ``tuned(name)`` blocks until method ``name``'s best setting is known ({} if it is not in
-    the plan): SNOO starts from its base's tuned LR, DiLoCo G=2 from SNOO-AdamW's outer setting.
+    ``tuned(name)`` blocks until method ``name``'s best setting at this horizon is known ({} if
+    it is not in the plan): SNOO starts from its base's tuned LR, DiLoCo G=2 from SNOO-AdamW's
+    outer setting.
     """
     tried: list[dict[str, Any]] = []
     grid = plan.lr_grid if m.inner == "adamw" else plan.muon_lr_grid
 
     def sweep(candidates: list[dict[str, Any]]) -> dict[str, Any]:
-        specs = [spec(plan, m, size, plan.tune_steps, 0, s, tuning=True) for s in candidates]
-        results = runner.run_all(specs)
+        """The best of ``candidates``, the grid extended while its best sits at an edge."""
+        results: list[dict[str, Any]] = []
+        for _ in range(1 + MAX_EXTENSIONS):
+            specs = [spec(plan, m, size, steps, 0, s, tuning=True) for s in candidates]
+            results += runner.run_all(specs)
+            best = min(results, key=_loss_or_inf)
+            if not math.isfinite(_loss_or_inf(best)):
+                break
+            candidates = beyond_edge([r["settings"] for r in results], best["settings"])
+            if not candidates:
+                break
         tried.extend(r for r in results if r not in tried)  # SNOO's LR sweep repeats a point
-        return min(results, key=_loss_or_inf)["settings"]
+        return best["settings"]
 
     def lr_sweep(fixed: dict[str, Any]) -> dict[str, Any]:
         return sweep([{**fixed, _lr_key(m): lr} for lr in grid])
@@ -125,66 +146,63 @@ def _tune_method(
     return lr_sweep({}), tried
 
 
-def _run_protocol(plan: Plan, runner: Runner) -> tuple[dict[str, dict[str, dict]], list[dict]]:
-    """Tune, then measure, every (size, method) concurrently, each as soon as the setting it
-    starts from is tuned. Returns the best settings (size → method → settings) and every
-    tuning result in plan order."""
-    best: dict[tuple[str, str], Future] = {
-        (size, m.name): Future() for size in plan.sizes for m in plan.methods
-    }
-    tried: dict[tuple[str, str], list[dict]] = {}
+#: (size, horizon, method name): one tuning of the protocol.
+Cell = tuple[str, int, str]
 
-    def tuned(size: str, name: str) -> dict[str, Any]:
-        future = best.get((size, name))
+
+def _run_protocol(plan: Plan, runner: Runner) -> tuple[dict[str, dict[int, dict]], list[dict]]:
+    """Tune, then measure, every (size, horizon, method) concurrently, each as soon as the
+    setting it starts from is tuned. Returns the best settings (size → horizon → method →
+    settings) and every tuning result in plan order."""
+    best: dict[Cell, Future] = {cell: Future() for cell in _cells(plan)}
+    tried: dict[Cell, list[dict]] = {}
+
+    def tuned(size: str, steps: int, name: str) -> dict[str, Any]:
+        future = best.get((size, steps, name))
         return future.result() if future is not None else {}
 
-    def pipeline(size: str, m: Method) -> None:
-        future = best[(size, m.name)]
+    def pipeline(size: str, steps: int, name: str) -> None:
+        future, m = best[(size, steps, name)], BY_NAME[name]
         try:
-            settings, tried[(size, m.name)] = _tune_method(
-                plan, runner, size, m, functools.partial(tuned, size)
+            settings, tried[(size, steps, name)] = _tune_method(
+                plan, runner, size, steps, m, functools.partial(tuned, size, steps)
             )
         except BaseException as e:
             future.set_exception(e)  # what depends on it fails too, instead of waiting
             raise
         future.set_result(settings)
-        runner.run_all(
-            [
-                spec(plan, m, size, h, seed, settings)
-                for h in plan.horizons
-                for seed in range(plan.seeds)
-            ]
-        )
+        runner.run_all([spec(plan, m, size, steps, seed, settings) for seed in range(plan.seeds)])
 
     with ThreadPoolExecutor(max_workers=len(best)) as threads:
-        futures = [threads.submit(pipeline, size, m) for size, m in _pairs(plan)]
+        futures = [threads.submit(pipeline, *cell) for cell in best]
         try:
             for future in as_completed(futures):
                 future.result()
         except BaseException:
             runner.close()  # queued runs never start; the running ones finish and are cached
             raise
-    settings = {
-        size: {m.name: best[(size, m.name)].result() for m in plan.methods} for size in plan.sizes
-    }
-    return settings, [r for pair in _pairs(plan) for r in tried[(pair[0], pair[1].name)]]
+    settings: dict[str, dict[int, dict]] = {}
+    for (size, steps, name), future in best.items():
+        settings.setdefault(size, {}).setdefault(steps, {})[name] = future.result()
+    return settings, [r for cell in best for r in tried[cell]]
 
 
-def _pairs(plan: Plan) -> list[tuple[str, Method]]:
-    return [(size, m) for size in plan.sizes for m in plan.methods]
+def _cells(plan: Plan) -> list[Cell]:
+    return [(size, h, m.name) for size in plan.sizes for h in plan.horizons for m in plan.methods]
 
 
 def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _aggregate(plan: Plan, runner: Runner, size: str, best: dict[str, dict]) -> list[dict]:
-    """Seeds × horizons of every method's best setting → one row per (horizon, method)."""
+def _aggregate(plan: Plan, runner: Runner, size: str, best: dict[int, dict]) -> list[dict]:
+    """Seeds × horizons of every method's best setting at each horizon → one row per
+    (horizon, method)."""
     rows = []
     for steps in plan.horizons:
         curves: dict[str, list[tuple[float, float]]] = {}
         for m in plan.methods:
-            settings = best[m.name]
+            settings = best[steps][m.name]
             results = [
                 runner.run(spec(plan, m, size, steps, seed, settings)) for seed in range(plan.seeds)
             ]
@@ -299,8 +317,8 @@ def _floats(text: str) -> list[float]:
 #: (flag, add_argument keywords) of ``diloco bench optim``, in help order.
 _OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--quick", {"action": "store_true",
-                 "help": "small plan: tiny model, 2 seeds, 100/250 steps "
-                         "(aims at < 5 min on 2 idle cores)"}),
+                 "help": "small plan: tiny model, 2 seeds, 100/250 steps, each tuned "
+                         "(~10 min on 2 idle cores)"}),
     ("--config", {"help": "base YAML config (model, data, schedule, device); its model is the "
                   "size unless --sizes is given"}),
     ("--set", {"dest": "overrides", "action": "append", "default": [],
@@ -312,7 +330,7 @@ _OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--seeds", {"type": int, "help": "seeds per method's best setting (full: 3, quick: 2)"}),
     ("--sizes", {"nargs": "+", "help": "model sizes: tiny, small, config, or LxE (e.g. 6x256)"}),
     ("--steps", {"nargs": "+", "type": int,
-                 "help": "horizons in steps; the shortest is the tuning horizon"}),
+                 "help": "horizons in steps; every method is tuned at each"}),
     ("--methods", {"nargs": "+", "help": f"subset of: {', '.join(BY_NAME)}"}),
     ("--lr-grid", {"type": _floats, "help": "LR grid of AdamW-inner methods, e.g. 1e-3,2e-3,4e-3"}),
     ("--muon-lr-grid", {"type": _floats, "help": "Muon LR grid of Muon-inner methods"}),

@@ -4,7 +4,8 @@ from the command line, each run's config, and the time estimate.
 A *method* is an optimiser set-up (:data:`METHODS`: AdamW, Muon, SNOO over either, EMA-Nesterov
 K=1 and K=8, AdamW with a 2x batch, DiLoCo G=2); a *setting* is the tuned knobs on top of it
 (inner LR, and K, η, μ for SNOO); a *run* is one method at one setting, size, horizon and seed
-(:func:`spec`). The protocol that tunes and measures them is in :mod:`diloco.bench.optim`.
+(:func:`spec`). A grid whose best point sits at its edge grows past it (:func:`beyond_edge`).
+The protocol that tunes and measures them is in :mod:`diloco.bench.optim`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import math
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,8 @@ from diloco.config import config_from_dict, config_to_dict, load_config
 from diloco.errors import ConfigError
 
 __all__ = [
-    "BASELINES", "DP_FAMILY", "METHODS", "Method", "Plan", "announce", "device_of", "estimate_s",
-    "make_plan", "run_config", "spec",
+    "BASELINES", "DP_FAMILY", "MAX_EXTENSIONS", "METHODS", "Method", "Plan", "announce",
+    "beyond_edge", "device_of", "estimate_s", "make_plan", "run_config", "spec",
 ]  # fmt: skip
 
 #: Named model sizes for ``--sizes`` (``LxE``, e.g. ``6x256``, also works; ``config`` keeps the
@@ -39,6 +42,8 @@ FULL_MUON_LR_GRID = (0.01, 0.02, 0.04)
 FULL_OUTER_GRID = tuple(itertools.product((8, 32), (0.5, 0.7, 1.0), (0.5, 0.9)))
 #: --quick shrinks it to two points (one per K).
 QUICK_OUTER_GRID = ((8, 0.7, 0.5), (32, 0.7, 0.9))
+#: How many times in a row a sweep is extended while its best point sits at the grid's edge.
+MAX_EXTENSIONS = 3
 #: Defaults of a full and a --quick run (explicit flags override them).
 MODES: dict[str, dict[str, Any]] = {
     "full": {"sizes": ["tiny", "small"], "steps": [200, 800], "seeds": 3},
@@ -117,10 +122,6 @@ class Plan:
     threads: int | None = None  # torch threads per run (None: torch's default)
     skipped: dict[str, str] = field(default_factory=dict)  # method → why it is not run
 
-    @property
-    def tune_steps(self) -> int:
-        return self.horizons[0]
-
     def eval_every(self, steps: int) -> int:
         """About ``steps / evals``, rounded down to a multiple of the largest K of the plan (at
         least one K), so that every evaluation sees freshly synchronised slow weights."""
@@ -134,10 +135,10 @@ class Plan:
         return grid + len(self.outer_grid) - 1 if m.tune_outer_at else grid
 
     def n_runs(self) -> int:
-        per_size = sum(
-            self.n_tune_runs(m) + len(self.horizons) * self.seeds - 1 for m in self.methods
-        )
-        return per_size * len(self.sizes)
+        """Runs before any grid extension: every method is tuned at every horizon, and seed 0
+        of its measurement is its tuning run."""
+        per_horizon = sum(self.n_tune_runs(m) + self.seeds - 1 for m in self.methods)
+        return per_horizon * len(self.horizons) * len(self.sizes)
 
 
 # --- configs and run keys ------------------------------------------------------------------------
@@ -180,6 +181,52 @@ def spec(
     """The :class:`RunSpec` of ``m`` at ``settings`` for one size, horizon and seed."""
     cfg = run_config(plan, m, size, steps, seed, settings)
     return RunSpec(m.name, size, steps, seed, settings, cfg, m.groups, tuning)
+
+
+# --- grid extension ------------------------------------------------------------------------------
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _sigmoid4(x: float) -> float:
+    """The logistic function to 4 decimals (three extensions past 0.9 stay below 1)."""
+    return round(1 / (1 + math.exp(-x)), 4)
+
+
+def _exp3(x: float) -> float:
+    """exp(x) to 3 significant digits (0.008, not 0.008000000000000002)."""
+    return float(f"{math.exp(x):.3g}")
+
+
+#: Each extended knob and the scale its grid steps evenly on: (to that scale, back from it).
+#: K is not extended: the evaluations fall on multiples of the plan's largest K, and K is
+#: also the traffic one can afford, a choice rather than a tuned value.
+_SCALES: dict[str, tuple[Callable[[float], float], Callable[[float], float]]] = {
+    "inner.lr": (math.log, _exp3),
+    "inner.muon_lr": (math.log, _exp3),
+    "outer.lr": (math.log, _exp3),
+    "outer.momentum": (_logit, _sigmoid4),  # stays inside (0, 1)
+}
+
+
+def beyond_edge(tried: list[dict[str, Any]], best: dict[str, Any]) -> list[dict[str, Any]]:
+    """The settings that extend a sweep whose ``best`` setting sits at the edge of what was
+    ``tried``: for every knob with two or more values tried and ``best``'s value the lowest or
+    the highest of them, ``best`` with that knob one step further out (the step from the edge's
+    neighbour to the edge, on the knob's scale: 8e-3 after 2e-3, 4e-3; μ on the logit scale,
+    0.988 after 0.5, 0.9). Empty when ``best`` is inside the grid on every knob."""
+    extra = []
+    for key, (to, back) in _SCALES.items():
+        values = sorted({s[key] for s in tried if key in s})
+        if key not in best or len(values) < 2 or best[key] not in (values[0], values[-1]):
+            continue
+        edge, neighbour = (values[0], values[1]) if best[key] == values[0] else values[-1:-3:-1]
+        value = back(2 * to(edge) - to(neighbour))
+        if value not in values:
+            extra.append({**best, key: value})
+    return extra
 
 
 # --- plan, estimate, run -------------------------------------------------------------------------
@@ -297,7 +344,7 @@ def _check_data(plan: Plan) -> None:
         plan.base["model"]["vocab_size"] = corpus.vocab_size  # e.g. bin: GPT-2 tokens
     for m in plan.methods:  # validate one config per method and size
         for size in plan.sizes:
-            cfg = run_config(plan, m, size, plan.tune_steps, 0, {})
+            cfg = run_config(plan, m, size, plan.horizons[0], 0, {})
             _set(cfg, "run.out_dir", "unused")
             config_from_dict(cfg)
 
@@ -322,7 +369,8 @@ def estimate_s(plan: Plan, step_ms: dict[tuple[str, str], float]) -> float:
     run: the total run time divided by ``plan.jobs`` (runs at once).
 
     An eval costs about eval_batches / 3 steps (forward only); EMA K=1 adds ~15% per step; a
-    G=2 run costs two groups' steps (one slot each) plus ~10 s to launch.
+    G=2 run costs two groups' steps (one slot each) plus ~10 s to launch. Grid extensions
+    (:func:`beyond_edge`) are not foreseen: each adds one run at its horizon.
     """
     total = 0.0
     for size in plan.sizes:
@@ -332,9 +380,8 @@ def estimate_s(plan: Plan, step_ms: dict[tuple[str, str], float]) -> float:
                 ms *= 1.15
             eval_ms = step_ms[(size, "adamw")] * plan.base["train"]["eval_batches"] / 3
             startup = 10.0 if m.groups > 1 else 0.5
-            runs = [plan.tune_steps] * plan.n_tune_runs(m)
-            runs += [h for h in plan.horizons for _ in range(plan.seeds)]
-            runs.remove(plan.tune_steps)  # seed 0 at the tuning horizon is the tuning run
+            # tuned at every horizon; seed 0 of the measurement is the tuning run
+            runs = [h for h in plan.horizons for _ in range(plan.n_tune_runs(m) + plan.seeds - 1)]
             total += sum(h * ms / 1e3 + (plan.evals + 1) * eval_ms / 1e3 + startup for h in runs)
     return total / plan.jobs
 
@@ -343,8 +390,9 @@ def announce(plan: Plan, out: Path, probe: bool = True) -> None:
     """Print the plan; with ``probe``, time a few steps per size and print the estimate."""
     names = ", ".join(m.name for m in plan.methods)
     print(
-        f"diloco bench optim: {plan.n_runs()} runs planned ({names}; sizes "
-        f"{', '.join(plan.sizes)}; horizons {plan.horizons}; {plan.seeds} seed(s))"
+        f"diloco bench optim: {plan.n_runs()} runs planned, more if a grid is extended ({names}; "
+        f"sizes {', '.join(plan.sizes)}; horizons {plan.horizons}, each tuned; "
+        f"{plan.seeds} seed(s))"
     )
     for method, why in plan.skipped.items():
         print(f"  skipping {method}: {why}")

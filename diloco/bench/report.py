@@ -12,6 +12,7 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diloco.bench.plan import MAX_EXTENSIONS
 from diloco.bench.spec import settings_label
 
 if TYPE_CHECKING:
@@ -62,10 +63,12 @@ def render_markdown(plan: Plan, rows: list[dict], tried: list[dict], meta: dict[
         f"- sizes: {'; '.join(_size_label(plan, s) for s in plan.sizes)}",
         f"- data: `{plan.base['data']['source']}`, batch {plan.base['data']['batch_size']} "
         f"(x2 for the DP / G=2 pair); schedule {plan.base['inner']['schedule']} "
-        f"with {plan.warmup_frac:.0%} warm-up; seeds: {plan.seeds}; tuned at "
-        f"{plan.tune_steps} steps on seed 0",
+        f"with {plan.warmup_frac:.0%} warm-up; seeds: {plan.seeds}; every method tuned at "
+        "every horizon on seed 0",
         f"- grids: lr {plan.lr_grid}; muon_lr {plan.muon_lr_grid} (Muon's AdamW part at lr "
-        f"{plan.lr_grid[len(plan.lr_grid) // 2]:g}); SNOO (K, η, μ) {plan.outer_grid}",
+        f"{plan.lr_grid[len(plan.lr_grid) // 2]:g}); SNOO (K, η, μ) {plan.outer_grid}; a grid "
+        f"whose best point is at its edge is extended (LR, η, μ: up to {MAX_EXTENSIONS} steps "
+        "further out)",
         "- compute factor (CF): tokens the baseline needs to reach its own final val loss ÷ "
         "tokens the method needs to reach it (first crossing of the seed-mean eval curve, linear "
         "interpolation); > 1 is faster; `<b (not reached)` = never reached, b is an upper bound",
@@ -95,13 +98,14 @@ def render_markdown(plan: Plan, rows: list[dict], tried: list[dict], meta: dict[
                 match = [r for r in rows if (r["size"], r["steps"], r["method"]) == (s, h, m.name)]
                 cells.append(_cf_text(match[0], column) if match else "—")
             lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Tuning runs ({plan.tune_steps} steps, seed 0)", ""]
-    lines.append("| size | method | setting | final val loss |")
-    lines.append("|---|---|---|---:|")
+    lines += ["", "## Tuning runs (seed 0, at every horizon)", ""]
+    lines.append("| size | steps | method | setting | final val loss |")
+    lines.append("|---|---:|---|---|---:|")
     for r in tried:
         loss = r["final_val_loss"]
         shown = f"{loss:.4f}" if loss is not None else r["status"]
-        lines.append(f"| {r['size']} | {r['method']} | {settings_label(r['settings'])} | {shown} |")
+        label = settings_label(r["settings"])
+        lines.append(f"| {r['size']} | {r['steps']} | {r['method']} | {label} | {shown} |")
     return "\n".join(lines) + "\n"
 
 
