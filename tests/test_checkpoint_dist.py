@@ -62,7 +62,8 @@ def tiny(corpus: Path, out_dir: Path, groups: int, shards: int, *extra: str) -> 
 def torchrun(
     overrides: list[str], nproc: int, *args: str, env: dict | None = None, restarts: int = 0
 ) -> subprocess.CompletedProcess:
-    """``torchrun --standalone`` (c10d rendezvous: restarts work on gloo, NOTES.md)."""
+    """``torchrun --standalone`` (c10d rendezvous: on gloo, restarts work only with it;
+    docs/troubleshooting.md)."""
     proc = run_torchrun(nproc, overrides, *args, env=env, timeout=TIMEOUT_S, restarts=restarts)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

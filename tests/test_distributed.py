@@ -1,7 +1,7 @@
 """Specification of distributed DiLoCo: G worker groups × S FSDP2 shards under torchrun (gloo).
 
 Every test here runs real processes (``python -m torch.distributed.run``) on the CPU. The
-reference for G groups is written in this file from DESIGN.md §1, independently of the wrapper,
+reference for G groups is written in this file from docs/design.md §1, independently of the wrapper,
 reducer and training loop: the groups' inner loops run one after the other in one process, each
 with its own inner AdamW state and its own data stream, and their pseudo-gradients are averaged
 before the outer step.
@@ -141,7 +141,7 @@ def assert_runs_match(a: Path, b: Path, atol: float, rtol: float = 0.0) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# reference: G groups in one process, straight from DESIGN.md §1
+# reference: G groups in one process, straight from docs/design.md §1
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

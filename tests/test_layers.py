@@ -1,6 +1,6 @@
 """The package's structure: imports flow one way between layers, and there are no import cycles.
 
-The folder of a module says which layer it belongs to (README, "Development"). From the bottom:
+The folder of a module says which layer it belongs to (docs/design.md §5). From the bottom:
 
     errors, job.events  ->  config  ->  algorithm  ->  comm  ->  models, job.data  ->  persist
         ->  job (train, inner, metrics, progress, engines), testing  ->  launchers, reports

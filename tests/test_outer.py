@@ -1,4 +1,4 @@
-"""Specification of the outer optimisers (DESIGN.md §1, step 4) on random pseudo-gradients.
+"""Specification of the outer optimisers (docs/design.md §1, step 4) on random pseudo-gradients.
 
 Tensors are float64 so that the comparisons test the maths, not float32 rounding (m is an EMA
 of differences θ_{t+1} − θ_t and loses relative precision in float32).

@@ -2,7 +2,7 @@
 fragments, schedule, overlap, resume.
 
 The reference maths and the expected schedule are written here from the module docstring
-(DESIGN.md §1, torchft's fragment semantics), independently of the code under test:
+(docs/design.md §1, torchft's fragment semantics), independently of the code under test:
 
 * fragment i = blocks j with j mod P = i; every other parameter, in name order, joins the
   fragment with the fewest elements so far (lowest index on ties);

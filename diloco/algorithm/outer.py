@@ -14,7 +14,7 @@ Streaming DiLoCo (:mod:`diloco.algorithm.streaming`) gives the optimiser one par
 fragment and passes ``group=i`` to ``step``/``write_start``/``add_lookahead``/``set_beta`` to
 touch only fragment i; ``group=None`` (the default) means every group, as before.
 
-Maths (DESIGN.md §1; η = ``lr``, μ = ``momentum``):
+Maths (docs/design.md §1; η = ``lr``, μ = ``momentum``):
 
 * :class:`Nesterov` — b ← μ·b + Δ;  θ ← θ − η·(Δ + μ·b);  s = θ.  This is exactly (bit for
   bit: the same ops in the same order) ``torch.optim.SGD(lr=η, momentum=μ, nesterov=True,

@@ -7,7 +7,7 @@ Usage inside any training loop::
     loss.backward(); dl.step(); dl.zero_grad()    # outer step every sync_every-th call
     with dl.slow_weights(): evaluate(model)       # the model holds θ inside the block
 
-A round (DESIGN.md §1): the model's parameters are the fast weights φ. Every ``sync_every``
+A round (docs/design.md §1): the model's parameters are the fast weights φ. Every ``sync_every``
 inner steps, the pseudo-gradient Δ = s − φ is formed *in the fast weights' own storage*,
 averaged across worker groups by the reducer (no-op for one group: SNOO), handed to the outer
 optimiser as the ``.grad`` of the slow weights θ, and the new start point s is written back into
@@ -111,7 +111,7 @@ class DiLoCo:
 
     The defaults come from :mod:`diloco.config.defaults` (``diloco train``'s: K = 16, η = 0.7,
     μ = 0.5, β_max = 0.7, γ = 0.99); the DiLoCo paper's pair is η = 0.7, μ = 0.9, and
-    EMA-Nesterov's paper form η = 1 (README, "Choosing K, η, μ, β, γ").
+    EMA-Nesterov's paper form η = 1 (docs/config.md, "Choosing K, η, μ, β, γ").
 
     β of the next start point is β_max · lr / lr_peak (never above β_max), read from the inner
     optimiser's first param group at the outer step (the LR of the step that closed the round);

@@ -3,8 +3,8 @@
 :class:`diloco.DiLoCo` (its keyword defaults), the outer optimisers of
 :mod:`diloco.algorithm.outer` and the ``outer``/``train`` sections of :mod:`diloco.config.schema`
 all read these names, so ``DiLoCo(model, opt)`` and ``diloco train`` with no settings take the
-same outer step. The values are the tiny CPU SNOO run's (``configs/tiny_snoo.yaml``); README's
-"Choosing K, η, μ, β, γ" says where to start for other runs. Torch-free.
+same outer step. The values are the tiny CPU SNOO run's (``configs/tiny_snoo.yaml``);
+docs/config.md's "Choosing K, η, μ, β, γ" says where to start for other runs. Torch-free.
 """
 
 from __future__ import annotations

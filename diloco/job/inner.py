@@ -1,7 +1,7 @@
 """Inner optimisers (AdamW, SGD, Muon+AdamW) and their learning-rate schedules.
 
 The inner optimiser trains the fast weights of one group. Its state is kept across rounds and
-never communicated (DESIGN.md §1).
+never communicated (docs/design.md §1).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Starting ``diloco`` processes on this machine (``diloco launch local``, benchmarks, tests).
 
 One place for what every local launch needs: a free loopback port for the rendezvous, the
-child environment (one torch thread per process as NOTES.md advises, a private rendezvous
-store per job, this checkout importable without installing it) and the ``torchrun`` command.
+child environment (one torch thread per process, so that the processes do not fight over the
+cores, docs/troubleshooting.md; a private rendezvous store per job; this checkout importable
+without installing it) and the ``torchrun`` command.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def torchrun_cmd(nproc: int, *target: str, restarts: int | None = None) -> list[str]:
     """``python -m torch.distributed.run --nproc-per-node nproc TARGET…`` on loopback: a static
     free port, or with ``restarts`` the standalone c10d rendezvous (on gloo, restarts only work
-    with it; NOTES.md). ``target``: ``-m diloco train …`` or a script and its arguments."""
+    with it, docs/troubleshooting.md). ``target``: ``-m diloco train …`` or a script and its
+    arguments."""
     if restarts is None:
         rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     else:

@@ -11,7 +11,7 @@ Layout of ``RUN_DIR/checkpoints/step_<N>/`` (N = inner steps done)::
                        full-shape tensors (DTensors when FSDP2-sharded), so any S can load them.
     group<g>/          DCP: group g's inner optimiser state ("optim.…"; plus "model.…" for
                        outer.method=none), saved by group g's S shard ranks. Groups' inner states
-                       differ; one global save would mix them (NOTES.md), hence one per group.
+                       differ; one global save would mix them (docs/design.md §3): one per group.
                        With outer.compress and G > 1 also group g's error-feedback residual
                        ("residual.<fqn>", shaped like θ): it carries over rounds, so a resume
                        without it would not equal the uninterrupted run. A resuming group beyond

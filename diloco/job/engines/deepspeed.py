@@ -16,7 +16,7 @@ weights, the tensors the inner optimiser updates:
 Each is a flat tensor per parameter group (weight-decay / no-decay): this rank's 1/S slice of the
 group's flattened, zero-padded parameters, laid out identically in every group, so θ and the outer
 state are flat tensors of the same shapes and the outer step is elementwise with no gather of the
-model (DESIGN.md §2). The padding stays zero (Δ = 0 and the AdamW update is 0 there).
+model (docs/design.md §2). The padding stays zero (Δ = 0 and the AdamW update is 0 there).
 The model's own weights are a copy: after the wrapper writes the partitions (restart, evaluating
 θ, resume) :meth:`DeepSpeedInner.refresh_model` updates them the way DeepSpeed does at the end of
 its step (stages 1/2: the model-precision partition, then an all-gather over the shards;
