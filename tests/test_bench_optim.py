@@ -280,11 +280,14 @@ def test_each_horizon_has_its_own_tuned_setting():
 
 def test_a_grid_whose_best_sits_at_the_edge_is_extended():
     runner = _FakeRunner(_bowl({10: 8e-3 * 1.1, 20: 5e-4 * 0.9}))
-    best, _ = _run_protocol(_plan(["adamw"]), runner)
+    best, _ = _run_protocol(_plan(["adamw", "snoo_adamw"]), runner)
     assert _lrs_tried(runner, 10) == [1e-3, 2e-3, 4e-3, 8e-3, 0.016]  # until the best is inside
     assert best["t"][10]["adamw"] == {"inner.lr": 8e-3}
     assert _lrs_tried(runner, 20) == [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]  # downwards too
     assert best["t"][20]["adamw"] == {"inner.lr": 5e-4}
+    # SNOO's LR sweep keeps its base's LR found past the edge (and extends from there)
+    assert best["t"][10]["snoo_adamw"]["inner.lr"] == 8e-3
+    assert _lrs_tried(runner, 10, "snoo_adamw") == [1e-3, 2e-3, 4e-3, 8e-3, 0.016]
 
 
 def test_grid_extension_stops_after_max_extensions():

@@ -125,8 +125,8 @@ def _tune_method(
         tried.extend(r for r in results if r not in tried)  # SNOO's LR sweep repeats a point
         return best["settings"]
 
-    def lr_sweep(fixed: dict[str, Any]) -> dict[str, Any]:
-        return sweep([{**fixed, _lr_key(m): lr} for lr in grid])
+    def lr_sweep(fixed: dict[str, Any], also: tuple[float, ...] = ()) -> dict[str, Any]:
+        return sweep([{**fixed, _lr_key(m): lr} for lr in sorted({*grid, *also})])
 
     if m.tune_outer_at:
         lr = tuned(m.tune_outer_at).get(_lr_key(m), grid[len(grid) // 2])
@@ -136,7 +136,8 @@ def _tune_method(
                 for k, eta, mu in plan.outer_grid
             ]
         )
-        return lr_sweep(_outer_part(chosen)), tried
+        # the base's LR, found past the grid's edge, stays a candidate at the chosen (K, η, μ)
+        return lr_sweep(_outer_part(chosen), (lr,)), tried
     if m.outer_from:
         fixed = _outer_part(tuned(m.outer_from))
         if not fixed:
