@@ -89,7 +89,9 @@ class _Slots:
 
 class Runner:
     """Runs :class:`RunSpec` s into ``out/runs/<key>`` (``jobs`` at a time) and reads finished
-    ones back from there. Thread-safe: call :meth:`run` / :meth:`run_all` from any thread."""
+    ones back from there. Thread-safe: call :meth:`run` / :meth:`run_all` from any thread.
+    ``total`` is the runs planned, for the progress lines (``[n/total]``, ``[n/total+extra]``
+    once grid extensions add runs)."""
 
     def __init__(
         self, out: Path, total: int, jobs: int, threads: int | None, log: Callable = print
@@ -182,8 +184,9 @@ class Runner:
             n = self.executed + self.reused
         loss = result["final_val_loss"]
         shown = f"{loss:.4f}" if loss is not None else result["status"]
+        counted = f"{self.total}" if n <= self.total else f"{self.total}+{n - self.total}"
         self.log(
-            f"[{n}/{self.total}] {spec.size} {spec.method} {spec.steps} steps seed {spec.seed} "
+            f"[{n}/{counted}] {spec.size} {spec.method} {spec.steps} steps seed {spec.seed} "
             f"{settings_label(spec.settings)} -> {shown} ({note})",
             flush=True,
         )
