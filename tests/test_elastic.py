@@ -21,6 +21,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -140,19 +143,90 @@ def elastic_report(run_dir: Path) -> dict:
     return json.loads((run_dir / "elastic.json").read_text())
 
 
-def start_fault_run(tmp_path: Path, name: str, env: dict[str, str] | None = None):
-    run_dir = tmp_path / name
-    proc = launch(run_dir, FAULT_RUN, GROUPS, env={**STEP_DELAY, **(env or {})})
-    wait_until(lambda: all(workers(proc, GROUPS).values()), what="every group to start")
-    return run_dir, proc, workers(proc, GROUPS)
+@dataclass
+class FaultJob:
+    """One fault test's job: its run directory, the launcher, and the group workers' PIDs at
+    the start (by group id); ``error`` is what went wrong while driving it, if anything."""
+
+    run_dir: Path
+    proc: subprocess.Popen
+    before: dict[int, list[int]]
+    error: BaseException | None = None
+
+    def result(self) -> FaultJob:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+def kill_inner(job: FaultJob) -> None:
+    wait_until(lambda: last_step(job.run_dir, 1) >= 24, what="group 1 past its first checkpoint")
+    os.kill(job.before[1][0], signal.SIGKILL)
+
+
+def kill_in_exchange(job: FaultJob) -> None:
+    marker = job.run_dir.parent / "markers" / "pause-g1-r8"
+    wait_until(marker.exists, what="group 1 in the exchange")
+    time.sleep(0.5)  # the others are inside the collective by now
+    os.kill(job.before[1][0], signal.SIGKILL)
+
+
+def stop_past_heartbeat_timeout(job: FaultJob) -> None:
+    wait_until(lambda: last_step(job.run_dir, 1) >= 24, what="group 1 to reach step 24")
+    os.kill(job.before[1][0], signal.SIGSTOP)
+    time.sleep(10.0)
+    os.kill(job.before[1][0], signal.SIGCONT)
+
+
+def kill_coordinator(job: FaultJob) -> None:
+    wait_until(lambda: last_step(job.run_dir, 0) >= 24, what="step 24")
+    (coordinator,) = [
+        c for c in psutil.Process(job.proc.pid).children() if c.cmdline()[3:4] == ["coordinator"]
+    ]
+    coordinator.kill()
+
+
+#: The fault jobs by name: the fault each one suffers, and its extra environment.
+FAULTS: dict[str, tuple[Callable[[FaultJob], None] | None, dict[str, str]]] = {
+    "no_fault": (None, {}),
+    "kill_inner": (kill_inner, {}),
+    "kill_exchange": (kill_in_exchange, {"DILOCO_TEST_PAUSE_IN_EXCHANGE": "1:8"}),
+    "stop": (stop_past_heartbeat_timeout, {}),
+    "coordinator": (kill_coordinator, {}),
+}
 
 
 @pytest.fixture(scope="module")
-def no_fault(tmp_path_factory) -> Path:
-    """The fault tests' job with no fault: the reference final θ and val loss."""
-    run_dir = tmp_path_factory.mktemp("elastic") / "no_fault"
-    finish(launch(run_dir, FAULT_RUN, GROUPS, env=STEP_DELAY), run_dir)
-    return run_dir
+def fault_jobs(tmp_path_factory) -> dict[str, FaultJob]:
+    """Every fault test's job (and the no-fault reference), run side by side: each starts once
+    the previous one trains (start-ups, the costly part, do not overlap), its fault is caused
+    from a thread, and the launcher is waited for. Most of the jobs' wall time is the step
+    delay's sleep, so running them together keeps the machine's load low."""
+    root = tmp_path_factory.mktemp("faults")
+    markers = {"DILOCO_TEST_MARKER_DIR": str(root / "markers")}
+    (root / "markers").mkdir()
+    jobs: dict[str, FaultJob] = {}
+    with ThreadPoolExecutor(len(FAULTS)) as pool:
+        for name, (fault, env) in FAULTS.items():
+            run_dir = root / name
+            proc = launch(run_dir, FAULT_RUN, GROUPS, env={**STEP_DELAY, **markers, **env})
+            wait_until(lambda p=proc: all(workers(p, GROUPS).values()), what=f"{name}: groups")
+            job = jobs[name] = FaultJob(run_dir, proc, workers(proc, GROUPS))
+            wait_until(lambda d=run_dir: min(last_step(d, g) for g in range(GROUPS)) >= 0,
+                       what=f"{name}: every group training")  # fmt: skip
+            pool.submit(_drive, job, fault)
+    return jobs
+
+
+def _drive(job: FaultJob, fault: Callable[[FaultJob], None] | None) -> None:
+    try:
+        if fault is not None:
+            fault(job)
+        finish(job.proc, job.run_dir)
+    except BaseException as e:  # reported by the test that reads this job
+        job.error = e
+        if job.proc.poll() is None:
+            job.proc.terminate()
 
 
 # ---------------------------------------------------------------------------------- no faults
@@ -178,17 +252,21 @@ def test_elastic_groups_give_the_mesh_paths_losses_and_weights(tmp_path, shards)
 
 
 # ---------------------------------------------------------------------------------- faults
+def assert_close_to_the_no_fault_run(run_dir: Path, fault_jobs: dict[str, FaultJob]) -> None:
+    loss = summary(run_dir, 0)["final_val_loss"]
+    reference = summary(fault_jobs["no_fault"].result().run_dir, 0)["final_val_loss"]
+    assert abs(loss - reference) <= FAULT_TOLERANCE
+
+
 @pytest.mark.slow
-def test_a_group_killed_during_its_inner_steps_restarts_alone_and_heals(tmp_path, no_fault):
+def test_a_group_killed_during_its_inner_steps_restarts_alone_and_heals(fault_jobs):
     """SIGKILL group 1 mid-round: groups 0 and 2 keep their processes and carry on without it;
     the launcher restarts group 1, which resumes its own checkpoint, heals θ from a live group
     and rejoins; every group ends with the same θ."""
-    run_dir, proc, before = start_fault_run(tmp_path, "kill_inner")
-    wait_until(lambda: last_step(run_dir, 1) >= 24, what="group 1 past its first checkpoint")
-    os.kill(before[1][0], signal.SIGKILL)
-    finish(proc, run_dir)
+    job = fault_jobs["kill_inner"].result()
+    run_dir = job.run_dir
     for g in (0, 2):
-        assert summary(run_dir, g)["pids"] == before[g]
+        assert summary(run_dir, g)["pids"] == job.before[g]
         assert summary(run_dir, g)["rounds_below_groups"] > 0
         assert summary(run_dir, g)["exchanges_redone"] == 0
     report = elastic_report(run_dir)
@@ -197,69 +275,54 @@ def test_a_group_killed_during_its_inner_steps_restarts_alone_and_heals(tmp_path
     assert recovery["recovery_s"] > 0 and recovery["heal_bytes"] > 0
     assert summary(run_dir, 1)["healed_self"]
     assert_all_groups_hold_the_same_theta(run_dir, GROUPS)
-    loss = summary(run_dir, 0)["final_val_loss"]
-    assert abs(loss - summary(no_fault, 0)["final_val_loss"]) <= FAULT_TOLERANCE
+    assert_close_to_the_no_fault_run(run_dir, fault_jobs)
 
 
 @pytest.mark.slow
-def test_a_group_killed_inside_the_exchange_is_redone_by_the_survivors(tmp_path, no_fault):
+def test_a_group_killed_inside_the_exchange_is_redone_by_the_survivors(fault_jobs):
     """Group 1 is stopped inside round 8's exchange (the others waiting on it) and SIGKILLed:
     the survivors' collective fails, they re-form without it and redo the average from their
     own Δ — the round is not lost — and group 1 comes back and heals."""
-    env = {"DILOCO_TEST_PAUSE_IN_EXCHANGE": "1:8", "DILOCO_TEST_MARKER_DIR": str(tmp_path)}
-    run_dir, proc, before = start_fault_run(tmp_path, "kill_exchange", env)
-    wait_until(lambda: (tmp_path / "pause-g1-r8").exists(), what="group 1 in the exchange")
-    time.sleep(0.5)  # the others are inside the collective by now
-    os.kill(before[1][0], signal.SIGKILL)
-    finish(proc, run_dir)
+    job = fault_jobs["kill_exchange"].result()
+    run_dir = job.run_dir
     for g in (0, 2):
         s = summary(run_dir, g)
-        assert s["pids"] == before[g]
+        assert s["pids"] == job.before[g]
         assert s["exchanges_redone"] >= 1
         assert s["rounds"] == 240 // 4  # no round lost
     assert [g["restarts"] for g in elastic_report(run_dir)["groups"]] == [0, 1, 0]
     assert summary(run_dir, 1)["healed_self"]
     assert_all_groups_hold_the_same_theta(run_dir, GROUPS)
-    loss = summary(run_dir, 0)["final_val_loss"]
-    assert abs(loss - summary(no_fault, 0)["final_val_loss"]) <= FAULT_TOLERANCE
+    assert_close_to_the_no_fault_run(run_dir, fault_jobs)
 
 
 @pytest.mark.slow
-def test_a_group_stopped_past_the_heartbeat_timeout_is_dropped_then_heals(tmp_path, no_fault):
+def test_a_group_stopped_past_the_heartbeat_timeout_is_dropped_then_heals(fault_jobs):
     """SIGSTOP group 1 for twice the heartbeat timeout: the others drop it and keep training; after
     SIGCONT it finds itself behind, heals from a live group and rejoins — the same process,
     nothing corrupted (every group ends with the same θ)."""
-    run_dir, proc, before = start_fault_run(tmp_path, "stop")
-    wait_until(lambda: last_step(run_dir, 1) >= 24, what="group 1 to reach step 24")
-    os.kill(before[1][0], signal.SIGSTOP)
-    time.sleep(10.0)
-    os.kill(before[1][0], signal.SIGCONT)
-    finish(proc, run_dir)
+    job = fault_jobs["stop"].result()
+    run_dir = job.run_dir
     assert [g["restarts"] for g in elastic_report(run_dir)["groups"]] == [0, 0, 0]
-    assert [summary(run_dir, g)["pids"] for g in range(GROUPS)] == [before[g] for g in range(3)]
+    assert [summary(run_dir, g)["pids"] for g in range(GROUPS)] == [job.before[g] for g in
+                                                                     range(GROUPS)]  # fmt: skip
     assert summary(run_dir, 0)["rounds_below_groups"] > 0
     assert summary(run_dir, 1)["healed_self"]
     assert_all_groups_hold_the_same_theta(run_dir, GROUPS)
-    loss = summary(run_dir, 0)["final_val_loss"]
-    assert abs(loss - summary(no_fault, 0)["final_val_loss"]) <= FAULT_TOLERANCE
+    assert_close_to_the_no_fault_run(run_dir, fault_jobs)
 
 
 @pytest.mark.slow
-def test_the_coordinator_killed_mid_run_costs_nothing(tmp_path, no_fault):
+def test_the_coordinator_killed_mid_run_costs_nothing(fault_jobs):
     """SIGKILL the coordinator: the groups keep their membership while it is away (the launcher
     restarts it on the same address) and the run is exactly the no-fault run."""
-    run_dir, proc, before = start_fault_run(tmp_path, "coordinator")
-    wait_until(lambda: last_step(run_dir, 0) >= 24, what="step 24")
-    (coordinator,) = [
-        c for c in psutil.Process(proc.pid).children() if c.cmdline()[3:4] == ["coordinator"]
-    ]
-    coordinator.kill()
-    finish(proc, run_dir)
+    run_dir = fault_jobs["coordinator"].result().run_dir
     report = elastic_report(run_dir)
     assert report["coordinator_restarts"] == 1
     assert [g["restarts"] for g in report["groups"]] == [0, 0, 0]
     assert all(summary(run_dir, g)["rounds_below_groups"] == 0 for g in range(GROUPS))
-    ref, got = final_theta(no_fault, 0), final_theta(run_dir, 0)
+    ref = final_theta(fault_jobs["no_fault"].result().run_dir, 0)
+    got = final_theta(run_dir, 0)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert_all_groups_hold_the_same_theta(run_dir, GROUPS)
 

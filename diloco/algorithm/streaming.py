@@ -346,9 +346,6 @@ class StreamingDiLoCo(DiLoCo):
         super().load_state_dict(sd)
         self._period = _Period()
 
-    def _has_fast(self, sd: dict[str, Any]) -> bool:
-        return "fast" in sd
-
     def _check_state(self, sd: dict[str, Any]) -> None:
         self._check_idle("load a state")
         super()._check_state(sd)

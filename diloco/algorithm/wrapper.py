@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from diloco.algorithm.arguments import PeakLR, check_arguments, check_holds_parameters
 from diloco.algorithm.outer import EMANesterov, Nesterov, OuterOptimizer
 from diloco.algorithm.reducer import PseudoGradientReducer, SingleGroup
-from diloco.algorithm.tensors import local_tensor
+from diloco.algorithm.tensors import check_shapes, local_tensor
 from diloco.config import defaults
 from diloco.errors import CheckpointError, DilocoError
 
@@ -423,15 +423,11 @@ class DiLoCo:
         torch._foreach_copy_(self.slow_tensors(), sd["slow"])
         self.outer.load_state_dict(sd["outer"])
         fast = self.fast_tensors()
-        if self._has_fast(sd):
+        if "fast" in sd:  # saved mid-round (else the fast weights restart at s)
             torch._foreach_copy_(fast, sd["fast"])
         else:
             self._restart_all(fast)
         self._after_fast_write()
-
-    def _has_fast(self, sd: dict[str, Any]) -> bool:
-        """Whether ``sd`` holds the fast weights (else they restart at the start point s)."""
-        return bool(sd["steps_in_round"])
 
     def _check_state(self, sd: dict[str, Any]) -> None:
         """Raise CheckpointError unless ``sd`` fits this wrapper (method and shapes)."""
@@ -440,9 +436,9 @@ class DiLoCo:
                 f"state is for outer method {sd.get('method')!r}, this run uses {self.method!r}"
             )
         if self.outer is not None:
-            _check_shapes("slow weights", sd["slow"], self.slow_tensors())
-            if self._has_fast(sd):
-                _check_shapes("fast weights", sd["fast"], self.fast_tensors())
+            check_shapes("slow weights", sd["slow"], self.slow_tensors())
+            if "fast" in sd:
+                check_shapes("fast weights", sd["fast"], self.fast_tensors())
 
     def _restart_all(self, fast: list[Tensor]) -> None:
         """fast ← s, the start point of the next round (through the staging copy if offloaded)."""
@@ -499,17 +495,3 @@ class DiLoCo:
 
 def _nothing() -> None:
     """The default ``after_fast_write``: the fast weights are the model's own storage."""
-
-
-def _check_shapes(what: str, saved: list[Tensor], current: list[Tensor]) -> None:
-    if len(saved) != len(current):
-        raise CheckpointError(
-            f"{what}: saved state has {len(saved)} tensors, the model has {len(current)}; "
-            "it comes from a different model shape"
-        )
-    for i, (a, b) in enumerate(zip(saved, current, strict=True)):
-        if a.shape != b.shape:
-            raise CheckpointError(
-                f"{what}: tensor {i} has shape {tuple(a.shape)} in the saved state but "
-                f"{tuple(b.shape)} in the model; it comes from a different model shape"
-            )

@@ -46,9 +46,7 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -58,6 +56,13 @@ from diloco.config import Config, config_to_dict, load_config
 from diloco.errors import ConfigError, DilocoError
 from diloco.files import read_json, write_text_atomic
 from diloco.job.elastic import group_config
+from diloco.launchers.ray_env import (
+    check_reachable,
+    import_ray,
+    local_gpus,
+    ray_env,
+    ray_tmpdir,
+)
 from diloco.launchers.ray_plan import (
     RayLaunchError,
     WorkerPlan,
@@ -70,7 +75,6 @@ from diloco.launchers.ray_worker import train_worker
 
 __all__ = ["add_arguments", "fit_error", "launch_ray", "run_from_args"]
 
-RAY_MISSING = "Ray is not installed; install it with: pip install -e '.[ray]'"
 #: Seconds between the Ray Train controller's polls of the workers, unless
 #: ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set (Ray's default, 2 s, holds every report up to 2 s).
 HEALTH_CHECK_INTERVAL_S = "0.5"
@@ -78,67 +82,6 @@ HEALTH_CHECK_INTERVAL_S = "0.5"
 
 # ---------------------------------------------------------------------------------------------
 # the driver
-
-
-def _import_ray():
-    try:
-        import ray
-        import ray.train  # noqa: F401
-        import ray.train.torch  # noqa: F401
-    except ImportError:
-        raise RayLaunchError(RAY_MISSING) from None
-    return ray
-
-
-#: Forwarded worker log lines the driver skips (``RAY_DEDUP_LOGS_SKIP_REGEX``; set it, or
-#: ``RAY_DEDUP_LOGS=0``, to see everything): Ray Train's two INFO lines per report and worker,
-#: and, without a dashboard (``ray[train]`` has none), its placement-group cleaner's warning
-#: every second that the State API is missing.
-QUIET_LINES = (
-    r"Reporting training result \d+: |Checkpoint successfully created at: |"
-    r"Failed to query Ray Train Controller actor state"
-)
-
-
-def _ray_env(local: bool) -> None:
-    """Environment Ray reads when it is imported (set on the imported modules if it already was).
-
-    Always: skip :data:`QUIET_LINES` in forwarded logs. Local mode: advertise 127.0.0.1 (so
-    MASTER_ADDR is loopback), send no usage statistics, and start no preemption watcher (one
-    process less; a private one-machine cluster has no node to preempt).
-    """
-    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", QUIET_LINES)
-    if local:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        if local:
-            constants.ENABLE_RAY_CLUSTER = False
-        logs = sys.modules.get("ray._private.ray_logging")
-        for dedup in (
-            getattr(logs, "stdout_deduplicator", None),
-            getattr(logs, "stderr_deduplicator", None),
-        ):
-            if dedup is not None and getattr(dedup, "skip_re", None) is None:
-                dedup.skip_re = re.compile(os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"])
-
-
-def _ray_tmpdir() -> str:
-    path = os.environ.get("RAY_TMPDIR") or f"/tmp/ray-{os.getuid()}"
-    os.environ["RAY_TMPDIR"] = path
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _local_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # a broken CUDA install: the job then runs on CPUs
-        return 0
 
 
 def _worker_env(plan: WorkerPlan) -> dict[str, str]:
@@ -154,24 +97,6 @@ def _worker_env(plan: WorkerPlan) -> dict[str, str]:
     }
     env.update({k: v for k, v in os.environ.items() if k.startswith("DILOCO_")})
     return env
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail within seconds, in one line, where ``ray.init`` would retry an address forever."""
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise RayLaunchError(
-            f"--address {address!r} is not local, auto, host:port or ray://host:port"
-        )
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise RayLaunchError(
-            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start it with "
-            "'ray start --head' or fix --address / RAY_ADDRESS"
-        ) from None
 
 
 def _run_name(out_dir: Path) -> str:
@@ -255,16 +180,16 @@ def launch_ray(
     resume, force = (_prepare_group_resume if elastic else _prepare_resume)(cfg, resume, force)
     connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     local = address == "local" and not connected  # a private Ray, started (and stopped) here
-    _ray_env(local)
+    ray_env(local)
     if local:
-        gpus = _local_gpus()
+        gpus = local_gpus()
         plan = plan_workers(cfg, cpus_per_worker, gpus_available=gpus > 0)
         # The cluster is sized from the topology; only GPUs can be missing.
         cluster = [{"CPU": plan.cpus_per_worker * plan.workers, "GPU": float(gpus)}]
         check_resources(plan, cluster, whole_groups=elastic)
     elif not connected:
-        _check_reachable(address)
-    ray = _import_ray()
+        check_reachable(address)
+    ray = import_ray()
     started = False
     t0 = time.perf_counter()
     if not ray.is_initialized():
@@ -275,7 +200,7 @@ def launch_ray(
                 num_gpus=gpus,
                 include_dashboard=False,
                 object_store_memory=256 * 2**20,
-                _temp_dir=_ray_tmpdir(),
+                _temp_dir=ray_tmpdir(),
             )
         else:
             try:

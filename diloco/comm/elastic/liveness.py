@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
+
+from diloco.comm.elastic.store import StoreClients
 
 __all__ = ["BeatWatch", "Heartbeat", "beat_key", "wait_watching"]
 
@@ -35,14 +37,11 @@ def beat_key(replica_id: str) -> str:
 class Heartbeat:
     """A group leader's heartbeats (module docstring); every rank tracks its own progress.
 
-    ``url``: the lighthouse; ``store``: a function returning a new client of the coordinator's
-    store; ``replica_id``: this group's id at the coordinator (None on a non-leader rank, which
-    never beats).
+    ``url``: the lighthouse; ``store``: the coordinator's store; ``replica_id``: this group's
+    id at the coordinator (None on a non-leader rank, which never beats).
     """
 
-    def __init__(
-        self, url: str, store: Callable[[], Any], replica_id: str | None, timeout_s: float
-    ):
+    def __init__(self, url: str, store: StoreClients, replica_id: str | None, timeout_s: float):
         self.url, self.store, self.replica_id, self.timeout_s = url, store, replica_id, timeout_s
         self._last_progress = time.monotonic()
         self._busy = 0
@@ -81,17 +80,14 @@ class Heartbeat:
             self._stop.wait(interval)
 
     def beat(self, clients: dict[str, Any] | None = None) -> None:
-        """One beat to the lighthouse and to the store counter. ``clients`` keeps the
-        connections between beats; a failed beat drops them (the coordinator may be away)."""
+        """One beat to the store counter and to the lighthouse. ``clients`` keeps the
+        lighthouse connection between beats; a failed beat drops it (the coordinator may be
+        away) and the next one reconnects."""
         from torchft.coordination import LighthouseClient
 
         clients = {} if clients is None else clients
-        try:  # the store counter first: a slow lighthouse call must not delay it
-            if "store" not in clients:
-                clients["store"] = self.store()
-            clients["store"].add(beat_key(self.replica_id), 1)
-        except Exception:  # coordinator away: reconnect on the next beat
-            clients.pop("store", None)
+        with contextlib.suppress(Exception):  # first: a slow lighthouse call must not delay it
+            self.store.call(lambda store: store.add(beat_key(self.replica_id), 1))
         try:
             if "lighthouse" not in clients:
                 clients["lighthouse"] = LighthouseClient(
@@ -112,12 +108,11 @@ class BeatWatch:
     most every 0.5 s; a member whose counter has not moved for ``timeout_s`` is silent. A
     member with no counter yet (a coordinator restarted with an empty store) is not judged."""
 
-    def __init__(self, store: Callable[[], Any], members: dict[str, int], timeout_s: float):
-        self.make_store, self.members, self.timeout_s = store, members, timeout_s
+    def __init__(self, store: StoreClients, members: dict[str, int], timeout_s: float):
+        self.store, self.members, self.timeout_s = store, members, timeout_s
         now = time.monotonic()
         self.seen: dict[str, tuple[bytes | None, float]] = {r: (None, now) for r in members}
         self.read_at = 0.0
-        self.store = None
 
     def silent(self, now: float) -> int | None:
         """The group id of a silent member, or None (also when the store cannot be read: the
@@ -125,13 +120,10 @@ class BeatWatch:
         if not self.members or now - self.read_at < 0.5:
             return None
         self.read_at = now
+        keys = [beat_key(r) for r in self.members]
         try:
-            if self.store is None:
-                self.store = self.make_store()
-            keys = [beat_key(r) for r in self.members]
-            values = [self.store.get(k) if self.store.check([k]) else None for k in keys]
+            values = self.store.call(lambda s: [s.get(k) if s.check([k]) else None for k in keys])
         except Exception:
-            self.store = None
             return None
         for replica_id, value in zip(self.members, values, strict=True):
             last, since = self.seen[replica_id]

@@ -51,6 +51,7 @@ from diloco.comm.elastic.coordinator import (
 )
 from diloco.comm.elastic.liveness import BeatWatch, Heartbeat, wait_watching
 from diloco.comm.elastic.quorum import Member, Quorum, RunFinished, admit
+from diloco.comm.elastic.store import StoreClients
 from diloco.errors import TopologyError, note
 
 __all__ = ["Membership"]
@@ -117,7 +118,9 @@ class Membership:
         if shard == 0:
             self._leader = _Leader(replica_id=f"g{group:05d}:{uuid.uuid4().hex[:12]}")
         replica_id = self._leader.replica_id if self._leader is not None else None
-        self.heartbeat = Heartbeat(self._url(), lambda: self._store(timeout_s=10.0), replica_id,
+        #: The coordinator's store: one client per thread, kept (see :mod:`.store`).
+        self.store = StoreClients(self.host, store_port(self.port))
+        self.heartbeat = Heartbeat(self._url(), self.store, replica_id,
                                    settings.heartbeat_timeout_s)  # fmt: skip
 
     # ------------------------------------------------------------------ liveness
@@ -156,22 +159,11 @@ class Membership:
         if error:
             raise TopologyError(error)
 
-    def _store(self, timeout_s: float = 10.0):
-        from torch.distributed import TCPStore
-
-        return TCPStore(
-            self.host,
-            store_port(self.port),
-            is_master=False,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=timeout_s),
-        )
-
     def _check_settings(self) -> None:
         deadline = time.monotonic() + self.quorum_timeout_s
         while True:
             try:
-                theirs = json.loads(self._store().get(SETTINGS_KEY))
+                theirs = json.loads(self.store.call(lambda s: s.get(SETTINGS_KEY)))
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -194,12 +186,15 @@ class Membership:
 
     def _start_barrier(self) -> None:
         """A fresh run starts its first round with every group (or after join_timeout_s)."""
-        store = self._store()
-        store.add(STARTED_KEY, 1)
+
+        def started(increment: int) -> int:
+            return int(self.store.call(lambda s: s.add(STARTED_KEY, increment)))
+
+        started(1)
         deadline = time.monotonic() + self.settings.join_timeout_s
-        while int(store.add(STARTED_KEY, 0)) < self.settings.groups:
+        while started(0) < self.settings.groups:
             if time.monotonic() > deadline:
-                n = int(store.add(STARTED_KEY, 0))
+                n = started(0)
                 note(
                     f"starting with {n} of {self.settings.groups} groups after "
                     f"topology.join_timeout_s={self.settings.join_timeout_s:g} s"
@@ -359,12 +354,12 @@ class Membership:
         return f"q{quorum_id}.f{failures}.{uuid.uuid5(uuid.NAMESPACE_OID, ids).hex[:8]}"
 
     def _finished_round(self) -> int | None:
-        try:
-            store = self._store(timeout_s=5.0)
-            if store.check([FINISHED_KEY]):
-                return int(store.get(FINISHED_KEY))
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):
+            value = self.store.call(
+                lambda s: s.get(FINISHED_KEY) if s.check([FINISHED_KEY]) else None
+            )
+            if value:
+                return int(value)
         return None
 
     # ------------------------------------------------------------------ process group
@@ -399,8 +394,7 @@ class Membership:
         stops heartbeating meanwhile (:func:`~.liveness.wait_watching`)."""
         q = self.last_quorum
         others = {m.replica_id: m.group for i, m in enumerate(q.members) if i != q.index}
-        watch = BeatWatch(lambda: self._store(timeout_s=10.0), others,
-                          self.settings.heartbeat_timeout_s)  # fmt: skip
+        watch = BeatWatch(self.store, others, self.settings.heartbeat_timeout_s)
         wait_watching(work, watch, timeout_s)
 
     def agree(self, ok: bool) -> bool:
@@ -417,7 +411,7 @@ class Membership:
         if self._leader is None:
             return
         with contextlib.suppress(Exception):
-            self._store(timeout_s=5.0).set(FINISHED_KEY, str(round))
+            self.store.call(lambda s: s.set(FINISHED_KEY, str(round)))
 
     def close(self) -> None:
         self.heartbeat.stop()
