@@ -319,7 +319,7 @@ def _floats(text: str) -> list[float]:
 _OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--quick", {"action": "store_true",
                  "help": "small plan: tiny model, 2 seeds, 100/250 steps, each tuned "
-                         "(~10 min on 2 idle cores)"}),
+                         "(~8 min on 2 idle cores)"}),
     ("--config", {"help": "base YAML config (model, data, schedule, device); its model is the "
                   "size unless --sizes is given"}),
     ("--set", {"dest": "overrides", "action": "append", "default": [],
