@@ -25,8 +25,8 @@
 #   -h, --help               this text
 #
 # Environment: DOCKER (the docker CLI to use), COMPOSE (the compose command), DILOCO_SMOKE_NICE
-# (niceness of a dockerd this script starts, default 10), DILOCO_SMOKE_TESTS (the pytest
-# arguments of the test subset).
+# (niceness of a dockerd this script starts, default 10), DILOCO_SMOKE_TESTS (the test files of
+# the subset, run with -m "not slow").
 #
 # The engine: a running one is used. Without one, and as root with dockerd installed, the script
 # starts `dockerd --iptables=false --ip6tables=false --bridge=none` (host networking only: no
@@ -41,8 +41,10 @@ SLIM_TAG="diloco:cpu-slim"
 FULL_TAG="diloco:cpu"
 BASE_TAG="diloco-base:bookworm"
 PROJECT="diloco-smoke"
+# Unit tests of the config, the outer optimizers, compression, the model, data and reports, and
+# these docker/ files (the multi-process paths run in the training and compose steps below).
 DEFAULT_TESTS="tests/test_docker.py tests/test_config.py tests/test_outer.py tests/test_compress.py
-tests/test_layers.py tests/test_gpt.py tests/test_plot_summary.py tests/test_distributed.py"
+tests/test_gpt.py tests/test_data.py tests/test_plot_summary.py"
 TESTS="${DILOCO_SMOKE_TESTS:-$DEFAULT_TESTS}"
 
 base_from_debootstrap=0
@@ -298,11 +300,11 @@ run_in() { "$DOCKER_CLI" run --rm --network host "$@"; }
 
 # --- inside: a test subset, the extras of the full image, one short training ----------------
 
-say "tests inside $SLIM_TAG: pytest -q $(echo "$TESTS" | tr '\n' ' ')"
+say "tests inside $SLIM_TAG: pytest -q -m 'not slow' $(echo "$TESTS" | tr '\n' ' ')"
 start=$SECONDS
-# shellcheck disable=SC2086  # TESTS is a list of pytest arguments
-if ! run_in "$SLIM_TAG" python -m pytest -q -p no:cacheprovider $TESTS >"$WORK/tests.log" 2>&1
-then
+# shellcheck disable=SC2086  # TESTS is a list of test files
+if ! run_in "$SLIM_TAG" python -m pytest -q -p no:cacheprovider -m "not slow" $TESTS \
+    >"$WORK/tests.log" 2>&1; then
     tail -40 "$WORK/tests.log" >&2
     die "tests failed inside $SLIM_TAG"
 fi
