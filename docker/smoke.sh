@@ -132,7 +132,7 @@ with DOCKER_BUILDKIT=1"
 fi
 export DOCKER_BUILDKIT=1 COMPOSE_DOCKER_CLI_BUILD=1
 say "docker CLI: $DOCKER_CLI ($("$DOCKER_CLI" version --format '{{.Client.Version}}' 2>/dev/null \
-    || echo '?'))"
+    | head -1))"
 
 # --- the engine ---------------------------------------------------------------------------------
 
@@ -146,7 +146,10 @@ installed (apt-get install docker.io)"
     dockerd_pid=$!
     for _ in $(seq 60); do
         "$DOCKER_CLI" info >/dev/null 2>&1 && break
-        kill -0 "$dockerd_pid" 2>/dev/null || { tail -20 "$WORK/dockerd.log" >&2; die "dockerd exited"; }
+        if ! kill -0 "$dockerd_pid" 2>/dev/null; then
+            tail -20 "$WORK/dockerd.log" >&2
+            die "dockerd exited"
+        fi
         sleep 1
     done
     "$DOCKER_CLI" info >/dev/null 2>&1 || die "dockerd did not answer in 60 s ($WORK/dockerd.log)"
@@ -164,8 +167,8 @@ elif command -v docker-compose >/dev/null 2>&1; then
 else
     die "no docker compose (the plugin) or docker-compose (v1) found"
 fi
+say "compose: ${COMPOSE_CMD[*]}"
 COMPOSE_CMD+=(-f docker/compose.yaml -p "$PROJECT")
-say "compose: ${COMPOSE_CMD[0]} ${COMPOSE_CMD[1]}"
 
 # --- the base image -------------------------------------------------------------------------
 
@@ -319,7 +322,8 @@ say "full image: $(grep '^extras:' "$WORK/extras.log")"
 
 say "one short training inside $SLIM_TAG (2 processes, G=2 x S=1, 30 steps)"
 start=$SECONDS
-train_py='import json; print(json.load(open("runs/smoke/summary.json"))["final_val_loss"])'
+train_py='import json
+print(round(json.load(open("runs/smoke/summary.json"))["final_val_loss"], 4))'
 if ! run_in "$SLIM_TAG" bash -c "bash launch/torchrun.sh --standalone --nproc-per-node 2 \
     -m diloco train --config configs/tiny_diloco_2x2_cpu.yaml --set topology.groups=2 \
     --set topology.shards=1 --set train.steps=30 --set inner.warmup_steps=5 \
@@ -346,7 +350,8 @@ for node in node0 node1; do
     id="$("${COMPOSE_CMD[@]}" ps -q "$node")"
     codes+=("$("$DOCKER_CLI" inspect -f '{{.State.ExitCode}}' "$id")")
 done
-summary_py='import json; print(json.load(open("runs/compose_diloco/summary.json"))["final_val_loss"])'
+summary_py='import json
+print(round(json.load(open("runs/compose_diloco/summary.json"))["final_val_loss"], 4))'
 compose_loss="$("${COMPOSE_CMD[@]}" run --rm --no-deps node0 python -c "$summary_py" 2>&1 \
     | tail -1)"
 say "compose: node0 exit ${codes[0]}, node1 exit ${codes[1]}, final val loss $compose_loss \
