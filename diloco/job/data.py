@@ -8,6 +8,8 @@ batch at a time. Sources (``data.source``):
 * ``text:PATH`` -- any UTF-8 file, byte-level (vocab 256), memory-mapped.
 * ``bin:GLOB`` -- nanoGPT / modded-nanogpt ``uint16`` token shards, each memory-mapped
   (several are read through :class:`TokenShards`, never concatenated in memory).
+* ``hf:PATH`` (and ``text:PATH`` with ``data.tokenizer``) -- documents tokenized and packed
+  with EOS separators (:mod:`diloco.job.hf_data`).
 
 Validation tokens come from ``data.val_source`` (:func:`load_corpus`).
 
@@ -28,10 +30,15 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from diloco.errors import CheckpointError, DataError
+
+if TYPE_CHECKING:
+    from diloco.config import Config
+    from diloco.job.tokenizer import TextTokenizer
 
 EMBEDDED_TRAIN_CAP = 24 * 2**20
 """Bytes of the embedded train split kept: the first 24 MiB in sorted-path order."""
@@ -45,7 +52,7 @@ GPT2_VOCAB = 50304
 
 _SEPARATOR = b"\n\n"
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
-_SOURCES = "embedded, text:PATH or bin:GLOB"
+_SOURCES = "embedded, text:PATH, bin:GLOB or hf:PATH"
 
 
 class TokenShards:
@@ -88,10 +95,20 @@ class Corpus:
     val: Tokens
     vocab_size: int
     description: str
+    packed: bool = False  # hf: documents packed into windows (diloco.job.hf_data.PackedStream)
 
 
-def load_corpus(source: str, seq_len: int, val_source: str = "auto") -> Corpus:
-    """Load ``source`` (``embedded``, ``text:PATH`` or ``bin:GLOB``) for windows of ``seq_len``.
+def load_corpus(
+    source: str,
+    seq_len: int,
+    val_source: str = "auto",
+    tokenizer: TextTokenizer | None = None,
+    text_column: str = "text",
+) -> Corpus:
+    """Load ``source`` (``embedded``, ``text:PATH``, ``bin:GLOB`` or ``hf:PATH``) for windows of
+    ``seq_len``. ``tokenizer`` (``data.tokenizer``) tokenizes ``text:`` and ``hf:`` sources
+    (:mod:`diloco.job.hf_data`; ``text_column`` is an ``hf:`` dataset's text); without it a
+    ``text:`` file is byte tokens and ``hf:`` is refused.
 
     ``val_source`` (``data.val_source``): ``heldout`` takes val from ``source`` (its last bin
     shard, the last tenth of a single shard or text file, the embedded val files); ``text:PATH``
@@ -103,12 +120,13 @@ def load_corpus(source: str, seq_len: int, val_source: str = "auto") -> Corpus:
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}; set model.block_size >= 1")
     val_from = _val_source(source, val_source)
-    train, val, vocab_size, description = _load(source, seq_len, held_out=val_from is None)
+    load = functools.partial(_load, seq_len=seq_len, tokenizer=tokenizer, column=text_column)
+    train, val, vocab_size, description = load(source, "data.source", held_out=val_from is None)
     if val_from is not None:
-        val, _, val_vocab, val_description = _load(val_from, seq_len, held_out=False)
+        val, _, val_vocab, val_description = load(val_from, "data.val_source", held_out=False)
         vocab_size = max(vocab_size, val_vocab)
         description += f"; val: {val_description}"
-    corpus = Corpus(train, val, vocab_size, description)
+    corpus = Corpus(train, val, vocab_size, description, packed=source.startswith("hf:"))
     for split, tokens in (("train", corpus.train), ("val", corpus.val)):
         if tokens.numel() < seq_len + 1:
             raise DataError(
@@ -116,6 +134,17 @@ def load_corpus(source: str, seq_len: int, val_source: str = "auto") -> Corpus:
                 f"seq_len+1 = {seq_len + 1}; lower model.block_size or give a larger corpus"
             )
     return corpus
+
+
+def load_data(cfg: Config) -> Corpus:
+    """The corpus of ``cfg.data`` for windows of ``model.block_size``, tokenized by
+    ``data.tokenizer`` (or the tokenizer of ``model.source=hf:PATH``'s directory) if any."""
+    from diloco.job.tokenizer import load_tokenizer, tokenizer_path
+
+    d = cfg.data
+    path = tokenizer_path(d.tokenizer, cfg.model.source)
+    tokenizer = load_tokenizer(path) if path else None
+    return load_corpus(d.source, cfg.model.block_size, d.val_source, tokenizer, d.text_column)
 
 
 def _val_source(source: str, val_source: str) -> str | None:
@@ -131,9 +160,23 @@ def _val_source(source: str, val_source: str) -> str | None:
     return f"bin:{sibling}" if _glob(sibling) else None
 
 
-def _load(source: str, seq_len: int, held_out: bool) -> tuple[Tokens, Tokens | None, int, str]:
-    """(train, val, vocabulary size, description) of ``source``; with ``held_out`` False,
-    train is every token and val None."""
+def _load(
+    source: str,
+    key: str,
+    seq_len: int,
+    held_out: bool,
+    tokenizer: TextTokenizer | None,
+    column: str,
+) -> tuple[Tokens, Tokens | None, int, str]:
+    """(train, val, vocabulary size, description) of ``source`` (the setting ``key``); with
+    ``held_out`` False, train is every token and val None."""
+    tokenized = source.startswith("hf:") or (tokenizer and source.startswith("text:"))
+    if tokenized:
+        if tokenizer is None:
+            raise DataError(f"{key}={source!r} needs a tokenizer; set data.tokenizer=PATH")
+        from diloco.job.hf_data import load_tokenized
+
+        return load_tokenized(source, seq_len, held_out, tokenizer, column, key)
     if source == "embedded":
         train, val, description = _embedded()
         return train, val if held_out else None, 256, description
