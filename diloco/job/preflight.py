@@ -28,7 +28,7 @@ __all__ = [
     "check_device",
     "check_memory",
     "check_packages",
-    "check_vocabulary",
+    "check_model",
     "estimate_memory",
 ]
 
@@ -68,12 +68,19 @@ def check_packages(cfg: Config) -> None:
         )
 
 
-def check_vocabulary(cfg: Config) -> None:
-    """Raise when the tokenizer (``data.tokenizer``, or the one in ``model.source=hf:PATH``'s
-    directory) has more tokens than the model's vocabulary: checked before any data is read."""
+def check_model(cfg: Config) -> None:
+    """Raise when the model cannot take the run: a tokenizer (``data.tokenizer``, or the one in
+    ``model.source=hf:PATH``'s directory) with more tokens than the model's vocabulary, or more
+    streaming fragments than a Hugging Face model has layers. Checked before any data is read."""
     from diloco.job.tokenizer import load_tokenizer, tokenizer_path
     from diloco.models.build import model_dims
 
+    if cfg.model.source != "gpt" and cfg.outer.fragments > model_dims(cfg.model).n_layer:
+        layers = model_dims(cfg.model).n_layer
+        raise ConfigError(
+            f"outer.fragments ({cfg.outer.fragments}) must be <= the {layers} layers of "
+            f"model.source={cfg.model.source!r}: each fragment holds at least one layer"
+        )
     path = tokenizer_path(cfg.data.tokenizer, cfg.model.source)
     if not path:
         return

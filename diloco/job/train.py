@@ -55,7 +55,7 @@ from diloco.job.elastic import GroupState, elastic_summary, group_config
 from diloco.job.hf_data import PackedStream
 from diloco.job.inner import build_inner_optimizer, build_scheduler, clip_gradients, scalar
 from diloco.job.metrics import MetricsLogger, peak_rss_mb
-from diloco.job.preflight import check_device, check_memory, check_packages, check_vocabulary
+from diloco.job.preflight import check_device, check_memory, check_model, check_packages
 from diloco.job.progress import ProgressBar
 from diloco.models.build import build_model as build_configured_model
 from diloco.models.build import model_dims
@@ -264,7 +264,7 @@ def train(
     check_out_dir(cfg.run.out_dir)  # the input and the machine first, before any work
     check_device(cfg.run.device)
     check_packages(cfg)
-    check_vocabulary(cfg)
+    check_model(cfg)
     check_memory(cfg)
     o = cfg.outer
     if cfg.topology.elastic:

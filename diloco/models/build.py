@@ -53,22 +53,21 @@ def meta_model(model: ModelConfig) -> nn.Module:
     """The configured model on the meta device (shapes only, nothing allocated)."""
     with torch.device("meta"):
         if is_hf(model):
-            from diloco.models.hf import HFCausalLM, _transformers, hf_config
+            from diloco.models.hf import HFCausalLM, hf_model
 
-            auto = _transformers(model.source).AutoModelForCausalLM
-            return HFCausalLM(auto.from_config(hf_config(model.source), dtype=torch.float32))
+            return HFCausalLM(hf_model(model.source))
         return GPT(GPTConfig(**dataclasses.asdict(model)))
 
 
 def model_dims(model: ModelConfig) -> ModelDims:
     """:class:`ModelDims` of the configured model."""
+    n = meta_model(model).num_params(non_embedding=True)  # first: a model that cannot be built
     if is_hf(model):
         from diloco.models.hf import hf_dims
 
         layers, width, vocab = hf_dims(model.source)
     else:
         layers, width, vocab = model.n_layer, model.n_embd, model.vocab_size
-    n = meta_model(model).num_params(non_embedding=True)
     return ModelDims(layers, width, vocab, model.block_size, n)
 
 

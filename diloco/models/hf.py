@@ -36,6 +36,8 @@ __all__ = [
     "hf_config",
     "hf_dims",
     "hf_dir",
+    "hf_model",
+    "import_transformers",
     "load_hf_model",
 ]
 
@@ -71,7 +73,8 @@ def hf_dir(source: str, key: str = "model.source") -> Path:
     raise ConfigError(f"{key}={source!r}: {path} does not exist; fix the path")
 
 
-def _transformers(source: str) -> Any:
+def import_transformers(source: str) -> Any:
+    """The ``transformers`` module, or a :class:`ConfigError` saying how to install it."""
     try:
         import transformers
     except ImportError:
@@ -82,7 +85,7 @@ def _transformers(source: str) -> Any:
 def hf_config(source: str) -> Any:
     """The ``transformers`` config of ``hf:PATH`` (offline; errors as :func:`hf_dir`)."""
     path = hf_dir(source)
-    transformers = _transformers(source)
+    transformers = import_transformers(source)
     try:
         return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -105,22 +108,26 @@ def load_hf_model(source: str, seed: int) -> HFCausalLM:
     Raises:
         ConfigError: missing directory or package, or a config the library cannot build.
     """
-    path = hf_dir(source)
-    transformers = _transformers(source)
-    config = hf_config(source)
-    auto = transformers.AutoModelForCausalLM
     torch.manual_seed(seed)
+    return HFCausalLM(hf_model(source, weights=has_weights(source)))
+
+
+def hf_model(source: str, weights: bool = False) -> nn.Module:
+    """The ``transformers`` causal LM of ``hf:PATH`` in fp32: ``from_pretrained`` with
+    ``weights``, else ``from_config`` (random init from torch's RNG, or shapes only under a
+    ``torch.device("meta")`` context). Errors as :func:`load_hf_model`."""
+    path = hf_dir(source)
+    auto = import_transformers(source).AutoModelForCausalLM
+    config = hf_config(source)
     try:
-        if has_weights(source):
-            model = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-        else:
-            model = auto.from_config(config, dtype=torch.float32)
+        if weights:
+            return auto.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        return auto.from_config(config, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise ConfigError(
             f"model.source={source!r}: transformers cannot build a causal LM from {path} "
             f"({type(e).__name__}: {_first_line(e)}); fix its config.json"
         ) from None
-    return HFCausalLM(model)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -47,13 +47,11 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
             "GPT (model.source=gpt): export it with --out FILE.safetensors"
         )
     from diloco.job.tokenizer import tokenizer_path
-    from diloco.models.hf import _transformers, hf_config
+    from diloco.models.hf import import_transformers, hf_model
 
-    transformers = _transformers(cfg.model.source)
+    transformers = import_transformers(cfg.model.source)
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_config(
-        hf_config(cfg.model.source), dtype=torch.float32
-    )
+    model = hf_model(cfg.model.source)
     theta = {k.removeprefix(PREFIX): v for k, v in load_theta(ckpt, meta).items()}
     missing, unexpected = model.load_state_dict(theta, strict=False)
     tied = {k for k in missing if _tied_to_loaded(model, k, theta)}
