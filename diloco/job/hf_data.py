@@ -252,14 +252,14 @@ class PackedStream:
         return self.first + torch.randperm(self.count, generator=generator)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = []
-        while len(picks) < self.batch_size:
+        picks, got = [], 0
+        while got < self.batch_size:
             if self.index == self.count:
                 self.epoch, self.index = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
-            take = min(self.batch_size - len(picks), self.count - self.index)
+            take = min(self.batch_size - got, self.count - self.index)
             picks.append(self._order[self.index : self.index + take])
-            self.index += take
+            self.index, got = self.index + take, got + take
         starts = torch.cat(picks) * self.seq_len
         windows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].long()
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
