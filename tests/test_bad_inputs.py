@@ -213,7 +213,7 @@ setting(
     "bad-data-source",
     "data source of unknown kind",
     "data.source=hdfs://corpus",
-    "data.source must be embedded, text:<path> or bin:<glob>, got 'hdfs://corpus'",
+    "data.source must be embedded, text:<path>, bin:<glob> or hf:<path>, got 'hdfs://corpus'",
 )
 
 

@@ -19,11 +19,11 @@ def test_ci_runs_the_readme_test_command():
     """`.ci/run` installs the extras the README names and runs the README's pytest command."""
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     command = (
-        'pip install torch==2.13.0 && pip install -e ".[dev,ray,deepspeed,elastic]" '
+        'pip install torch==2.13.0 && pip install -e ".[dev,ray,deepspeed,elastic,hf]" '
         "&& python -m pytest -q"
     )
     assert command in README
-    assert "install.sh dev,ray,deepspeed,elastic" in ci
+    assert "install.sh dev,ray,deepspeed,elastic,hf" in ci
     assert "python -m pytest -q" in ci
 
 

@@ -47,7 +47,7 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
             "GPT (model.source=gpt): export it with --out FILE.safetensors"
         )
     from diloco.job.tokenizer import tokenizer_path
-    from diloco.models.hf import import_transformers, hf_model
+    from diloco.models.hf import hf_model, import_transformers
 
     transformers = import_transformers(cfg.model.source)
     transformers.utils.logging.disable_progress_bar()
