@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -225,6 +226,48 @@ def test_text_file_with_the_tokenizer_and_activation_checkpointing_train(files, 
     overrides = hf_run(files, tmp_path, f"data.source=text:{files['corpus']}", "train.steps=4")
     summary = train(load_config(None, [*overrides, "train.activation_checkpointing=true"]))
     assert math.isfinite(summary["final_val_loss"])
+
+
+def readme_commands() -> list[list[str]]:
+    """The argument lists of the README's three commands from a text file to an HF model."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Your text, a Hugging Face model")[1]
+    block = section.split("```bash\n")[1].split("```")[0].replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0])[1:] for line in block.splitlines() if line.strip()]
+
+
+def test_readme_three_commands_go_from_a_text_file_to_an_exported_model(files, tmp_path):
+    tokenize, training, export = readme_commands()
+    assert (tokenize[:2], training[0], export[0]) == (["tokenizer", "train"], "train", "export")
+    write_llama(tmp_path / "my-llama", vocab_size=8192)
+    (tmp_path / "my.txt").write_text(files["corpus"].read_text())
+    shorter = ["train.steps=4", "inner.warmup_steps=1", "model.block_size=32", "data.batch_size=4"]
+    training += [a for o in [*shorter, "train.eval_batches=1", "run.progress=false"]
+                 for a in ("--set", o)]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for argv in (tokenize, training, export):
+            assert main(argv) == 0, argv
+    finally:
+        os.chdir(cwd)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "my-llama-trained")
+    assert model.config.num_hidden_layers == 2
+    assert (
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "my-llama-trained").eos_token_id == 0
+    )
+
+
+def test_a_separate_hf_validation_set_is_read_whole(files):
+    from diloco.job.data import load_corpus
+
+    tok = load_tokenizer(str(files["tok"]))
+    corpus = load_corpus(
+        f"text:{files['corpus']}", 32, f"hf:{files['docs']}", tokenizer=tok, text_column="text"
+    )
+    assert not corpus.packed and corpus.vocab_size == TOKENIZER_VOCAB
+    whole = hf_tokens(f"hf:{files['docs']}", tok, "text", "data.val_source")
+    assert torch.equal(corpus.val.long(), whole.long())
 
 
 # --- bad inputs: one line, nothing written --------------------------------------------------
