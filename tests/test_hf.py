@@ -258,14 +258,13 @@ def test_readme_three_commands_go_from_a_text_file_to_an_exported_model(files, t
     )
 
 
-def test_a_separate_hf_validation_set_is_read_whole(files):
-    from diloco.job.data import load_corpus
+def test_a_separate_hf_validation_set_is_read_whole(files, tmp_path):
+    from diloco.job.hf_data import load_data
 
-    tok = load_tokenizer(str(files["tok"]))
-    corpus = load_corpus(
-        f"text:{files['corpus']}", 32, f"hf:{files['docs']}", tokenizer=tok, text_column="text"
-    )
+    sources = [f"data.source=text:{files['corpus']}", f"data.val_source=hf:{files['docs']}"]
+    corpus = load_data(load_config(None, hf_run(files, tmp_path, *sources)))
     assert not corpus.packed and corpus.vocab_size == TOKENIZER_VOCAB
+    tok = load_tokenizer(str(files["tok"]))
     whole = hf_tokens(f"hf:{files['docs']}", tok, "text", "data.val_source")
     assert torch.equal(corpus.val.long(), whole.long())
 

@@ -28,17 +28,13 @@ import platform
 import struct
 import sysconfig
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from diloco.errors import CheckpointError, DataError
-
-if TYPE_CHECKING:
-    from diloco.config import Config
-    from diloco.job.tokenizer import TextTokenizer
 
 EMBEDDED_TRAIN_CAP = 24 * 2**20
 """Bytes of the embedded train split kept: the first 24 MiB in sorted-path order."""
@@ -98,16 +94,17 @@ class Corpus:
     packed: bool = False  # hf: documents packed into windows (diloco.job.hf_data.PackedStream)
 
 
+#: Reads a tokenized source: (source, setting, held_out) -> (train, val, vocab, description), or
+#: None for a source it leaves to :func:`load_corpus` (see :func:`diloco.job.hf_data.load_data`).
+Reader = Callable[[str, str, bool], "tuple[Tokens, Tokens | None, int, str] | None"]
+
+
 def load_corpus(
-    source: str,
-    seq_len: int,
-    val_source: str = "auto",
-    tokenizer: TextTokenizer | None = None,
-    text_column: str = "text",
+    source: str, seq_len: int, val_source: str = "auto", reader: Reader | None = None
 ) -> Corpus:
     """Load ``source`` (``embedded``, ``text:PATH``, ``bin:GLOB`` or ``hf:PATH``) for windows of
-    ``seq_len``. ``tokenizer`` (``data.tokenizer``) tokenizes ``text:`` and ``hf:`` sources
-    (:mod:`diloco.job.hf_data`; ``text_column`` is an ``hf:`` dataset's text); without it a
+    ``seq_len``. ``reader`` reads the sources a tokenizer turns into tokens (``hf:PATH``, and
+    ``text:PATH`` with ``data.tokenizer``: :func:`diloco.job.hf_data.load_data`); without it a
     ``text:`` file is byte tokens and ``hf:`` is refused.
 
     ``val_source`` (``data.val_source``): ``heldout`` takes val from ``source`` (its last bin
@@ -120,7 +117,11 @@ def load_corpus(
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}; set model.block_size >= 1")
     val_from = _val_source(source, val_source)
-    load = functools.partial(_load, seq_len=seq_len, tokenizer=tokenizer, column=text_column)
+
+    def load(source: str, key: str, held_out: bool) -> tuple[Tokens, Tokens | None, int, str]:
+        read = reader(source, key, held_out) if reader is not None else None
+        return read if read is not None else _load(source, key, seq_len, held_out)
+
     train, val, vocab_size, description = load(source, "data.source", held_out=val_from is None)
     if val_from is not None:
         val, _, val_vocab, val_description = load(val_from, "data.val_source", held_out=False)
@@ -134,17 +135,6 @@ def load_corpus(
                 f"seq_len+1 = {seq_len + 1}; lower model.block_size or give a larger corpus"
             )
     return corpus
-
-
-def load_data(cfg: Config) -> Corpus:
-    """The corpus of ``cfg.data`` for windows of ``model.block_size``, tokenized by
-    ``data.tokenizer`` (or the tokenizer of ``model.source=hf:PATH``'s directory) if any."""
-    from diloco.job.tokenizer import load_tokenizer, tokenizer_path
-
-    d = cfg.data
-    path = tokenizer_path(d.tokenizer, cfg.model.source)
-    tokenizer = load_tokenizer(path) if path else None
-    return load_corpus(d.source, cfg.model.block_size, d.val_source, tokenizer, d.text_column)
 
 
 def _val_source(source: str, val_source: str) -> str | None:
@@ -161,22 +151,12 @@ def _val_source(source: str, val_source: str) -> str | None:
 
 
 def _load(
-    source: str,
-    key: str,
-    seq_len: int,
-    held_out: bool,
-    tokenizer: TextTokenizer | None,
-    column: str,
+    source: str, key: str, seq_len: int, held_out: bool
 ) -> tuple[Tokens, Tokens | None, int, str]:
     """(train, val, vocabulary size, description) of ``source`` (the setting ``key``); with
     ``held_out`` False, train is every token and val None."""
-    tokenized = source.startswith("hf:") or (tokenizer and source.startswith("text:"))
-    if tokenized:
-        if tokenizer is None:
-            raise DataError(f"{key}={source!r} needs a tokenizer; set data.tokenizer=PATH")
-        from diloco.job.hf_data import load_tokenized
-
-        return load_tokenized(source, seq_len, held_out, tokenizer, column, key)
+    if source.startswith("hf:"):
+        raise DataError(f"{key}={source!r} needs a tokenizer; set data.tokenizer=PATH")
     if source == "embedded":
         train, val, description = _embedded()
         return train, val if held_out else None, 256, description

@@ -28,12 +28,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from diloco.comm.topology import Runtime
+from diloco.config import Config
 from diloco.errors import CheckpointError, ConfigError, DataError
 from diloco.files import write_atomic
-from diloco.job.data import check_tokens
-from diloco.job.tokenizer import TextTokenizer
+from diloco.job.data import BatchStream, Corpus, check_tokens, load_corpus
+from diloco.job.tokenizer import TextTokenizer, load_tokenizer, tokenizer_path
 
-__all__ = ["PackedStream", "hf_tokens", "load_tokenized", "text_tokens"]
+__all__ = [
+    "PackedStream",
+    "hf_tokens",
+    "load_data",
+    "load_tokenized",
+    "make_stream",
+    "text_tokens",
+]
 
 CACHE_DIR = ".diloco-cache"
 _SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
@@ -78,6 +87,44 @@ def text_tokens(path: Path, tokenizer: TextTokenizer) -> torch.Tensor:
     text = path.read_text(encoding="utf-8")
     ids = _with_eos(tokenizer.encode([text]), tokenizer.eos_id)
     return _save_cache(cache, np.concatenate(ids), tokenizer.vocab_size)
+
+
+def load_data(cfg: Config, runtime: Runtime | None = None) -> Corpus:
+    """The corpus of ``cfg.data`` for windows of ``model.block_size``, tokenized by
+    ``data.tokenizer`` (or the tokenizer of ``model.source=hf:PATH``'s directory) if any.
+
+    Under ``runtime`` with several ranks, a tokenized corpus is read, tokenized and cached by
+    rank 0 first; the other ranks then read its cache (one tokenization, not one per rank).
+    """
+    d, seq_len = cfg.data, cfg.model.block_size
+    path = tokenizer_path(d.tokenizer, cfg.model.source)
+    if not path:
+        return load_corpus(d.source, seq_len, d.val_source)
+    tokenizer = load_tokenizer(path)
+
+    def reader(source: str, key: str, held_out: bool) -> Any:
+        if not source.startswith(("hf:", "text:")):
+            return None  # bin: shards are tokens already
+        return load_tokenized(source, seq_len, held_out, tokenizer, d.text_column, key)
+
+    first = runtime is None or runtime.world == 1 or runtime.is_main
+    if not first:
+        runtime.barrier()
+    corpus = load_corpus(d.source, seq_len, d.val_source, reader)
+    if first and runtime is not None and runtime.world > 1:
+        runtime.barrier()
+    return corpus
+
+
+def make_stream(
+    corpus: Corpus, batch_size: int, seq_len: int, seed: int, runtime: Runtime, vocab: int
+) -> BatchStream | PackedStream:
+    """This group's batch stream: packed windows of its own part for an ``hf:`` corpus, seeded
+    random windows otherwise."""
+    if corpus.packed:
+        g, G = runtime.group, runtime.groups
+        return PackedStream(corpus.train, batch_size, seq_len, seed, g, G, vocab)
+    return BatchStream(corpus.train, batch_size, seq_len, seed, runtime.group, vocab)
 
 
 def load_tokenized(

@@ -49,15 +49,14 @@ from diloco.errors import ConfigError, TopologyError, note, warn
 from diloco.files import write_atomic, write_text_atomic
 from diloco.job import events
 from diloco.job.batches import Prefetcher
-from diloco.job.data import BatchStream, Corpus, eval_batches, load_data, shard_batch
+from diloco.job.data import eval_batches, shard_batch
 from diloco.job.device import Clock, StepTimes, run_fields, set_fast_matmul
 from diloco.job.elastic import GroupState, elastic_summary, group_config
-from diloco.job.hf_data import PackedStream
+from diloco.job.hf_data import load_data, make_stream
 from diloco.job.inner import build_inner_optimizer, build_scheduler, clip_gradients, scalar
 from diloco.job.metrics import MetricsLogger, peak_rss_mb
 from diloco.job.preflight import check_device, check_memory, check_model, check_packages
 from diloco.job.progress import ProgressBar
-from diloco.job.tokenizer import tokenizer_path
 from diloco.models.build import build_model as build_configured_model
 from diloco.models.build import model_dims
 from diloco.persist.checkpoint import Checkpointer
@@ -313,20 +312,6 @@ def _build_engine(
     return inner.engine, dl, scheduler, DeepSpeedCheckpointer
 
 
-def _load_data(cfg: Config, runtime: Runtime) -> Corpus:
-    """The corpus; when it is tokenized (``data.tokenizer``), rank 0 reads, tokenizes and caches
-    it first and the other ranks then read its cache (one tokenization, not one per rank)."""
-    tokenized = bool(tokenizer_path(cfg.data.tokenizer, cfg.model.source))
-    if not tokenized or runtime.world == 1:
-        return load_data(cfg)
-    if not runtime.is_main:
-        runtime.barrier()
-    corpus = load_data(cfg)
-    if runtime.is_main:
-        runtime.barrier()
-    return corpus
-
-
 def _forward_backward(
     runtime: Runtime, model: nn.Module, dl: DiLoCo, x: Tensor, y: Tensor, ds: bool
 ) -> Tensor:
@@ -354,17 +339,12 @@ def _train(
     continues = resume_from is not None and read_meta(resume_from)["step"] < cfg.train.steps
     guard_finished(out_dir, continues, force, runtime.is_main)
     seq_len = cfg.model.block_size
-    corpus = _load_data(cfg, runtime)
+    corpus = load_data(cfg, runtime)
     deepspeed = cfg.inner.engine == "deepspeed"
     model, dl, scheduler, make_checkpointer = _build_engine(cfg, runtime, corpus.vocab_size)
     dims = model_dims(cfg.model)
     B, vocab = cfg.data.batch_size, dims.vocab_size
-    if corpus.packed:  # hf: each group reads its own part of the packed documents
-        stream = PackedStream(
-            corpus.train, B, seq_len, cfg.run.seed, runtime.group, runtime.groups, vocab
-        )
-    else:
-        stream = BatchStream(corpus.train, B, seq_len, cfg.run.seed, runtime.group, vocab)
+    stream = make_stream(corpus, B, seq_len, cfg.run.seed, runtime, vocab)
     batches = Prefetcher(stream, runtime.shard, runtime.shards, runtime.device)
     val = eval_batches(corpus.val, B, seq_len, cfg.train.eval_batches, vocab)
     torch.manual_seed(cfg.run.seed + 1000 * runtime.group + runtime.shard)  # dropout streams
