@@ -3,7 +3,8 @@
 (``--format hf --out DIR``: a Hugging Face model directory), ``diloco tokenizer train --data
 text:FILE --vocab N --out DIR``,
 ``diloco plot RUN_DIR ... --out curves.png``, ``diloco summary RUN_DIR ... [--json]``,
-``diloco bench optim [--quick] ...`` and ``diloco launch ray [--config FILE] [--address …]``.
+``diloco bench optim [--quick] ...``, ``diloco bench hf`` and ``diloco launch ray [--config FILE]
+[--address …]``.
 
 User errors (:class:`diloco.errors.DilocoError`) and what the machine refuses (an ``OSError``
 such as a full disk or a path that cannot be written, running out of memory) print one line,
@@ -121,13 +122,22 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """``bench optim``: SNOO / EMA-Nesterov / DiLoCo against tuned AdamW and Muon."""
     from diloco.bench.optim import add_arguments, run_from_args
 
-    p = sub.add_parser("bench", help="benchmarks (optim: optimisers against tuned baselines)")
+    p = sub.add_parser(
+        "bench", help="benchmarks (optim: optimisers against tuned baselines; hf: GPT vs Llama)"
+    )
     kinds = p.add_subparsers(dest="bench", required=True)
     p = kinds.add_parser(
         "optim", help="train one GPT with several optimisers and seeds; tables + val-loss plot"
     )
     add_arguments(p)
     p.set_defaults(func=run_from_args)
+    from diloco.bench import hf_models
+
+    p = kinds.add_parser(
+        "hf", help="GPT vs a Llama of the same size, SNOO vs AdamW, on one tokenized text"
+    )
+    hf_models.add_arguments(p)
+    p.set_defaults(func=hf_models.run_from_args)
 
 
 def _add_report_parsers(sub: argparse._SubParsersAction) -> None:

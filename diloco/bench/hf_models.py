@@ -1,6 +1,6 @@
 """GPT vs a Llama of the same size, SNOO vs AdamW, on the same tokenized text (docs/hf.md).
 
-    python -m diloco.bench.hf_models [--steps 150] [--out bench_hf]
+    diloco bench hf [--steps 150] [--out bench_hf]   (or python -m diloco.bench.hf_models)
 
 Offline, on the CPU: the text is the running interpreter's standard-library ``.py`` sources
 (the first ``--text-kb`` KiB), a byte-level BPE of ``--vocab`` tokens is trained on it
@@ -25,18 +25,15 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from diloco.config import load_config
-from diloco.job.data import stdlib_files
-from diloco.job.tokenizer import train_tokenizer
-from diloco.job.train import train
-
-__all__ = ["main"]
+__all__ = ["add_arguments", "main", "run_from_args"]
 
 METHODS = {"AdamW": ["outer.method=none"], "SNOO": ["outer.method=nesterov"]}
 
 
 def write_text(path: Path, kib: int) -> Path:
     """The first ``kib`` KiB of the stdlib ``.py`` train files, joined by blank lines."""
+    from diloco.job.data import stdlib_files
+
     root = Path(sysconfig.get_paths()["stdlib"])
     parts, size = [], 0
     for rel in stdlib_files()[0]:
@@ -68,6 +65,11 @@ def write_llama(path: Path, layers: int, width: int, heads: int, vocab: int, blo
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Train the tokenizer and the four runs (torch is imported here, not by the command line)."""
+    from diloco.config import load_config
+    from diloco.job.tokenizer import train_tokenizer
+    from diloco.job.train import train
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = write_text(out / "text.txt", args.text_kb)
@@ -135,8 +137,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diloco.bench.hf_models", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (``diloco bench hf`` and ``python -m diloco.bench.hf_models``)."""
     p.add_argument("--steps", type=int, default=150, help="inner steps per run")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--block", type=int, default=64, help="tokens per sequence")
@@ -147,13 +149,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-kb", type=int, default=1024, help="KiB of text")
     p.add_argument("--sync-every", type=int, default=8, help="SNOO's K")
     p.add_argument("--out", default="bench_hf", help="output directory")
-    args = p.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the four trainings, print the table, write ``OUT/results.json``."""
     rows = run_all(args)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    result = {"settings": settings, "rows": rows}
+    keys = ("steps", "batch", "block", "layers", "width", "heads", "vocab", "text_kb", "sync_every")
+    result = {"settings": {k: getattr(args, k) for k in keys}, "rows": rows}
     (Path(args.out) / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     print(table(rows), end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diloco.bench.hf_models", description=__doc__)
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":
