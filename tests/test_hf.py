@@ -155,6 +155,16 @@ def test_dataset_is_tokenized_once_with_eos_after_each_document_and_cached(files
     assert torch.equal(again.long(), tokens.long())
 
 
+def test_a_text_file_tokenized_in_chunks_gives_the_whole_texts_tokens(files):
+    from diloco.job.hf_data import text_chunks
+
+    tok = load_tokenizer(str(files["tok"]))
+    text = files["corpus"].read_text()
+    chunks = text_chunks(text, size=500)
+    assert len(chunks) > 1 and "".join(chunks) == text
+    assert sum(tok.encode(chunks), []) == tok.encode([text])[0]
+
+
 def test_packed_stream_gives_each_group_its_own_part_and_resumes_exactly():
     tokens = torch.arange(1 + 8 * 40, dtype=torch.int32)  # 40 windows of T=8
     seen = []

@@ -47,6 +47,7 @@ __all__ = [
 CACHE_DIR = ".diloco-cache"
 _SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
 _ROWS_PER_BATCH = 1000
+TEXT_CHUNK = 1 << 20  # characters of a text: file tokenized as one piece
 
 
 def hf_tokens(source: str, tokenizer: TextTokenizer, column: str, key: str) -> torch.Tensor:
@@ -84,9 +85,27 @@ def text_tokens(path: Path, tokenizer: TextTokenizer) -> torch.Tensor:
     cached = _read_cache(cache)
     if cached is not None:
         return cached
-    text = path.read_text(encoding="utf-8")
-    ids = _with_eos(tokenizer.encode([text]), tokenizer.eos_id)
-    return _save_cache(cache, np.concatenate(ids), tokenizer.vocab_size)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"text corpus {path} is not valid UTF-8 (byte {e.start})") from None
+    pieces = [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode(text_chunks(text))]
+    tokens = np.concatenate([*pieces, np.asarray([tokenizer.eos_id], dtype=np.int64)])
+    return _save_cache(cache, tokens, tokenizer.vocab_size)
+
+
+def text_chunks(text: str, size: int = TEXT_CHUNK) -> list[str]:
+    """``text`` cut into pieces of about ``size`` characters, each cut just after a newline
+    that a non-space character follows: a byte-level BPE's pre-tokenizer splits there anyway,
+    so the pieces' tokens, concatenated, are the whole text's (and are encoded in parallel)."""
+    chunks, start = [], 0
+    while start < len(text):
+        cut = start + size
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut += 1
+        chunks.append(text[start:cut])
+        start = cut
+    return chunks
 
 
 def load_data(cfg: Config, runtime: Runtime | None = None) -> Corpus:
