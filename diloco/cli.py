@@ -1,7 +1,10 @@
 """The ``diloco`` command line: ``diloco train [--config FILE] [--set section.key=value ...]``,
-``diloco train … [--resume auto|never|PATH] [--force]``, ``diloco export RUN_DIR --out FILE``,
+``diloco train … [--resume auto|never|PATH] [--force]``, ``diloco export RUN_DIR --out FILE``
+(``--format hf --out DIR``: a Hugging Face model directory), ``diloco tokenizer train --data
+text:FILE --vocab N --out DIR``,
 ``diloco plot RUN_DIR ... --out curves.png``, ``diloco summary RUN_DIR ... [--json]``,
-``diloco bench optim [--quick] ...`` and ``diloco launch ray [--config FILE] [--address …]``.
+``diloco bench optim [--quick] ...``, ``diloco bench hf`` and ``diloco launch ray [--config FILE]
+[--address …]``.
 
 User errors (:class:`diloco.errors.DilocoError`) and what the machine refuses (an ``OSError``
 such as a full disk or a path that cannot be written, running out of memory) print one line,
@@ -49,14 +52,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from diloco.persist.export import export
+    if args.format == "hf":
+        from diloco.persist.export_hf import export_hf
 
-    info = export(args.run_dir, args.out)
+        info = export_hf(args.run_dir, args.out)
+    else:
+        from diloco.persist.export import export
+
+        info = export(args.run_dir, args.out)
+    tokenizer = f" with the tokenizer of {info['tokenizer']}" if info.get("tokenizer") else ""
     print(
         f"wrote θ of {info['checkpoint']} (step {info['step']}, {info['params']} parameters) "
-        f"to {info['out']}"
+        f"to {info['out']}{tokenizer}"
     )
     return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from diloco.job.tokenizer import train_tokenizer
+
+    info = train_tokenizer(args.data, args.vocab, args.out)
+    print(
+        f"wrote a byte-level BPE of {info['vocab']} tokens, trained on {info['data']}, to "
+        f"{info['out']}; use it with --set data.tokenizer={info['out']}"
+    )
+    return 0
+
+
+def _add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
+    """``tokenizer train``: a byte-level BPE on a local text file (offline)."""
+    p = sub.add_parser("tokenizer", help="tokenizers for text: and hf: data (train: a BPE)")
+    kinds = p.add_subparsers(dest="tokenizer", required=True)
+    q = kinds.add_parser("train", help="train a byte-level BPE on a local text file")
+    q.add_argument("--data", required=True, metavar="text:FILE", help="UTF-8 training text")
+    q.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: %(default)s)")
+    q.add_argument("--out", required=True, metavar="DIR", help="tokenizer directory to write")
+    q.set_defaults(func=_cmd_tokenizer_train)
 
 
 def _load_runs(args: argparse.Namespace) -> list:
@@ -91,13 +122,22 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """``bench optim``: SNOO / EMA-Nesterov / DiLoCo against tuned AdamW and Muon."""
     from diloco.bench.optim import add_arguments, run_from_args
 
-    p = sub.add_parser("bench", help="benchmarks (optim: optimisers against tuned baselines)")
+    p = sub.add_parser(
+        "bench", help="benchmarks (optim: optimisers against tuned baselines; hf: GPT vs Llama)"
+    )
     kinds = p.add_subparsers(dest="bench", required=True)
     p = kinds.add_parser(
         "optim", help="train one GPT with several optimisers and seeds; tables + val-loss plot"
     )
     add_arguments(p)
     p.set_defaults(func=run_from_args)
+    from diloco.bench import hf_models
+
+    p = kinds.add_parser(
+        "hf", help="GPT vs a Llama of the same size, SNOO vs AdamW, on one tokenized text"
+    )
+    hf_models.add_arguments(p)
+    p.set_defaults(func=hf_models.run_from_args)
 
 
 def _add_report_parsers(sub: argparse._SubParsersAction) -> None:
@@ -193,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a GPT with the configured inner/outer optimisers")
+    p = sub.add_parser("train", help="train a model with the configured inner/outer optimisers")
     _add_config_args(p)
     p.add_argument(
         "--resume",
@@ -208,10 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(--resume never) in a run directory that holds checkpoints",
     )
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("export", help="write θ of a run's newest checkpoint as a GPT state dict")
+    p = sub.add_parser(
+        "export", help="write θ of a run's newest checkpoint (a GPT state dict, or an HF model)"
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run.out_dir of a run, or a checkpoint")
-    p.add_argument("--out", required=True, help="output file: .safetensors or .pt")
+    p.add_argument(
+        "--out", required=True, help="output: a .safetensors or .pt file; --format hf: a directory"
+    )
+    p.add_argument(
+        "--format",
+        choices=("file", "hf"),
+        default="file",
+        help="file: a GPT state dict (by --out's suffix); hf: a Hugging Face model directory "
+        "(save_pretrained, and the run's tokenizer) of a model.source=hf:PATH run",
+    )
     p.set_defaults(func=_cmd_export)
+    _add_tokenizer_parser(sub)
     _add_report_parsers(sub)
     _add_bench_parser(sub)
     _add_launch_parser(sub)

@@ -213,7 +213,7 @@ setting(
     "bad-data-source",
     "data source of unknown kind",
     "data.source=hdfs://corpus",
-    "data.source must be embedded, text:<path> or bin:<glob>, got 'hdfs://corpus'",
+    "data.source must be embedded, text:<path>, bin:<glob> or hf:<path>, got 'hdfs://corpus'",
 )
 
 
@@ -373,6 +373,28 @@ def _(ctx):
 def _(ctx):
     write_shard(ctx.tmp / "shard.bin", [i % 300 for i in range(2000)])
     return ctx.train(f"data.source=bin:{ctx.tmp / 'shard.bin'}", "model.vocab_size=256")
+
+
+@case(
+    "hf-model-hub-name",
+    "a Hugging Face hub name as model.source (nothing is downloaded)",
+    "diloco train --set model.source=hf:meta-llama/Llama-3.2-1B",
+    "model.source='hf:meta-llama/Llama-3.2-1B' is not a local directory and nothing is "
+    "downloaded; if it is a hub name, download it first",
+)
+def _(ctx):
+    return ctx.train("model.source=hf:meta-llama/Llama-3.2-1B")
+
+
+@case(
+    "hf-model-without-config",
+    "a model.source directory without config.json",
+    "diloco train --set model.source=hf:empty_dir",
+    "has no config.json; point it at a Hugging Face model directory",
+)
+def _(ctx):
+    (ctx.tmp / "empty_dir").mkdir(exist_ok=True)
+    return ctx.train(f"model.source=hf:{ctx.tmp / 'empty_dir'}")
 
 
 # --- run directory -------------------------------------------------------------------------------

@@ -506,11 +506,23 @@ RULES = {
     ),
     "source-format": (
         {"data.source": "corpus.txt"},
-        "data.source must be embedded, text:<path> or bin:<glob>, got 'corpus.txt'",
+        "data.source must be embedded, text:<path>, bin:<glob> or hf:<path>, got 'corpus.txt'",
+    ),
+    "model-source-format": (
+        {"model.source": "llama"},
+        "model.source must be gpt or hf:<path of a local model directory>, got 'llama'",
+    ),
+    "hf-data-needs-a-tokenizer": (
+        {"data.source": "hf:data/"},
+        "data.source='hf:data/' needs a tokenizer for its text; set data.tokenizer=PATH",
+    ),
+    "tokenizer-with-embedded-bytes": (
+        {"data.tokenizer": "tok/"},
+        "data.tokenizer='tok/' with data.source=embedded (byte tokens)",
     ),
     "source-needs-a-path": (
         {"data.source": "text:"},
-        "data.source must be embedded, text:<path> or bin:<glob>, got 'text:'",
+        "data.source must be embedded, text:<path>, bin:<glob> or hf:<path>, got 'text:'",
     ),
     "batch-divisible-by-shards": (
         {"data.batch_size": 15, "topology.shards": 2},

@@ -252,7 +252,12 @@ def test_bin_val_shard_too_small_for_seq_len_says_how_many_tokens(tmp_path):
 
 
 def test_unknown_source_lists_the_valid_forms():
-    with pytest.raises(DataError, match="unknown corpus source 'hf:x'.*embedded, text:PATH or"):
+    with pytest.raises(DataError, match="unknown corpus source 's3:x'.*embedded, text:PATH, bin"):
+        load_corpus("s3:x", 16)
+
+
+def test_hf_source_without_a_tokenizer_names_the_setting():
+    with pytest.raises(DataError, match="data.source='hf:x' needs a tokenizer; set data.tokenizer"):
         load_corpus("hf:x", 16)
 
 

@@ -115,7 +115,7 @@ def test_dockerfile_has_a_slim_ci_target_and_a_full_default():
     slim_runs = [args for kw, args in named["slim"] if kw == "RUN"]
     full_runs = [args for kw, args in named["full"] if kw == "RUN"]
     assert any(re.search(r"\.ci/install\.sh dev$", run) for run in slim_runs), slim_runs
-    assert any(re.search(r"\.ci/install\.sh dev,ray,deepspeed,elastic$", r) for r in full_runs)
+    assert any(re.search(r"\.ci/install\.sh dev,ray,deepspeed,elastic,hf$", r) for r in full_runs)
     for name in ("slim", "full"):
         cmds = [args for kw, args in named[name] if kw == "CMD"]
         assert cmds and json.loads(cmds[-1]) == TEST_COMMAND, name

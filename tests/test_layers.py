@@ -2,7 +2,8 @@
 
 The folder of a module says which layer it belongs to (docs/design.md §5). From the bottom:
 
-    errors, job.events  ->  config  ->  algorithm  ->  comm  ->  models, job.data  ->  persist
+    errors, job.events  ->  config  ->  algorithm  ->  comm  ->  models, job.data (with
+        job.hf_data, job.tokenizer)  ->  persist
         ->  job (train, inner, metrics, progress, engines), testing  ->  launchers, reports
         ->  bench, cli
 
@@ -38,6 +39,8 @@ LAYERS: dict[str, int] = {
     "diloco.comm": 3,
     "diloco.models": 4,
     "diloco.job.data": 4,
+    "diloco.job.hf_data": 4,  # tokenized corpora: the data layer
+    "diloco.job.tokenizer": 4,
     "diloco.persist": 5,
     "diloco.job": 6,
     "diloco.testing": 6,

@@ -108,8 +108,9 @@ class Runtime:
     def parallelize(self, model: nn.Module, mixed_precision: str | None = None) -> nn.Module:
         """Place the model on this rank's device; with S > 1 shard it with FSDP2.
 
-        Each transformer block (``model.blocks[i]``) is ``fully_shard``-ed over the ``"shard"``
-        sub-mesh, then the root (embeddings, final norm, tied head). Every rank must hold the
+        Each transformer block (``model.blocks[i]``: the GPT's blocks, a Hugging Face model's
+        decoder layers) is ``fully_shard``-ed over the ``"shard"`` sub-mesh, then the root
+        (embeddings, final norm, tied head). Every rank must hold the
         same full initial weights (``build_model`` seeds before construction): the shards are
         cut from them. With bf16 the policy computes in bf16 and reduces gradients in fp32; the
         sharded parameters (the fast weights φ) stay fp32. With S = 1 the model stays a plain

@@ -131,17 +131,39 @@ def validate(cfg: Config) -> None:
         f"model.n_embd ({model.n_embd}) must be divisible by model.n_head ({model.n_head}): "
         f"each head gets n_embd / n_head dimensions",
     )
+    kind, _, target = model.source.partition(":")
+    _check(
+        model.source == "gpt" or (kind == "hf" and bool(target.strip())),
+        f"model.source must be gpt or hf:<path of a local model directory>, got {model.source!r}",
+    )
     kind, _, target = data.source.partition(":")
     _check(
-        data.source == "embedded" or (kind in ("text", "bin") and bool(target.strip())),
-        f"data.source must be embedded, text:<path> or bin:<glob>, got {data.source!r}",
+        data.source == "embedded" or (kind in ("text", "bin", "hf") and bool(target.strip())),
+        f"data.source must be embedded, text:<path>, bin:<glob> or hf:<path>, got {data.source!r}",
     )
     kind, _, target = data.val_source.partition(":")
     _check(
-        data.val_source in ("auto", "heldout") or (kind in ("text", "bin") and target.strip()),
-        "data.val_source must be auto, heldout, text:<path> or bin:<glob>, "
+        data.val_source in ("auto", "heldout")
+        or (kind in ("text", "bin", "hf") and bool(target.strip())),
+        "data.val_source must be auto, heldout, text:<path>, bin:<glob> or hf:<path>, "
         f"got {data.val_source!r}",
     )
+    _check(
+        bool(data.text_column.strip()),
+        f"data.text_column must name a column, got {data.text_column!r}",
+    )
+    _check(
+        not (data.tokenizer and data.source == "embedded"),
+        f"data.tokenizer={data.tokenizer!r} with data.source=embedded (byte tokens); the "
+        "tokenizer applies to text:, bin: and hf: sources: set data.source or unset data.tokenizer",
+    )
+    tokenized = data.tokenizer or model.source != "gpt"
+    for key, value in (("data.source", data.source), ("data.val_source", data.val_source)):
+        _check(
+            not value.startswith("hf:") or bool(tokenized),
+            f"{key}={value!r} needs a tokenizer for its text; set data.tokenizer=PATH (a "
+            "tokenizer directory or JSON file; diloco tokenizer train makes one)",
+        )
     _check(
         data.batch_size % topology.shards == 0,
         f"data.batch_size ({data.batch_size}) must be divisible by topology.shards "
@@ -172,7 +194,7 @@ def validate(cfg: Config) -> None:
         f"got {outer.ema_warmup} + {outer.ema_rest}",
     )
     _check(
-        outer.fragments <= model.n_layer,
+        model.source != "gpt" or outer.fragments <= model.n_layer,
         f"outer.fragments ({outer.fragments}) must be <= model.n_layer ({model.n_layer}): "
         f"each fragment holds at least one layer",
     )

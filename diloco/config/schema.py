@@ -86,15 +86,24 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    """GPT model shape."""
+    """The model: the built-in GPT and its shape, or a local Hugging Face model."""
 
-    vocab_size: int = _field(256, "Vocabulary size (256 = raw bytes; 50304 = padded GPT-2).")
+    source: str = _field(
+        "gpt",
+        "gpt (the built-in GPT, shaped by the keys below) or hf:PATH (a local Hugging Face "
+        "model directory: its config.json, random init, or with weights to continue from; "
+        "vocab_size, n_layer, n_head, n_embd, dropout and bias are then the model's own; needs "
+        "pip install -e '.[hf]'; docs/hf.md).",
+    )
+    vocab_size: int = _field(
+        256, "gpt: vocabulary size (256 = raw bytes; 50304 = padded GPT-2; >= the tokenizer's)."
+    )
     block_size: int = _field(128, "Sequence length in tokens.")
-    n_layer: int = _field(4, "Number of transformer blocks.")
-    n_head: int = _field(4, "Attention heads per block; must divide n_embd.")
-    n_embd: int = _field(128, "Embedding (residual stream) width.")
-    dropout: float = _field(0.0, "Dropout probability.")
-    bias: bool = _field(False, "Use biases in linear and LayerNorm layers.")
+    n_layer: int = _field(4, "gpt: number of transformer blocks.")
+    n_head: int = _field(4, "gpt: attention heads per block; must divide n_embd.")
+    n_embd: int = _field(128, "gpt: embedding (residual stream) width.")
+    dropout: float = _field(0.0, "gpt: dropout probability.")
+    bias: bool = _field(False, "gpt: use biases in linear and LayerNorm layers.")
 
 
 @dataclass
@@ -103,14 +112,24 @@ class DataConfig:
 
     source: str = _field(
         "embedded",
-        "Corpus: embedded (small built-in text), text:PATH (a UTF-8 file, byte tokens) or "
-        "bin:GLOB (uint16 token shards).",
+        "Corpus: embedded (small built-in text), text:PATH (a UTF-8 file: byte tokens, or "
+        "data.tokenizer's), bin:GLOB (uint16 token shards) or hf:PATH (local parquet / jsonl / "
+        "arrow files or a datasets.save_to_disk folder: data.text_column tokenized, documents "
+        "packed with EOS separators, each group reading its own part; docs/hf.md).",
     )
     val_source: str = _field(
         "auto",
         "Validation tokens: auto (the *_val_* shards beside a bin:..._train_... glob, else "
-        "heldout), heldout (held out from data.source), or text:PATH / bin:GLOB (read whole).",
+        "heldout), heldout (held out from data.source), or text:PATH / bin:GLOB / hf:PATH "
+        "(read whole).",
     )
+    tokenizer: str = _field(
+        "",
+        "Tokenizer of text: and hf: sources: empty (bytes; for hf: the model directory's "
+        "tokenizer when model.source=hf:PATH has one), a local Hugging Face tokenizer directory "
+        "or a tokenizers JSON file (diloco tokenizer train makes one).",
+    )
+    text_column: str = _field("text", "hf: sources: the column holding each document's text.")
     batch_size: int = _field(
         16, "Sequences per inner step per group (the group batch), split evenly across its shards."
     )
@@ -222,6 +241,9 @@ class TrainConfig:
     )
     check_every: int = _field(10, "Rounds between cross-group weight checksums.")
     compile: bool = _field(False, "torch.compile the transformer blocks and the LM head + loss.")
+    activation_checkpointing: bool = _field(
+        False, "Recompute each transformer block's activations in the backward pass (less memory)."
+    )
 
 
 @dataclass

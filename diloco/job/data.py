@@ -8,6 +8,8 @@ batch at a time. Sources (``data.source``):
 * ``text:PATH`` -- any UTF-8 file, byte-level (vocab 256), memory-mapped.
 * ``bin:GLOB`` -- nanoGPT / modded-nanogpt ``uint16`` token shards, each memory-mapped
   (several are read through :class:`TokenShards`, never concatenated in memory).
+* ``hf:PATH`` (and ``text:PATH`` with ``data.tokenizer``) -- documents tokenized and packed
+  with EOS separators (:mod:`diloco.job.hf_data`).
 
 Validation tokens come from ``data.val_source`` (:func:`load_corpus`).
 
@@ -26,6 +28,7 @@ import platform
 import struct
 import sysconfig
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +48,7 @@ GPT2_VOCAB = 50304
 
 _SEPARATOR = b"\n\n"
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
-_SOURCES = "embedded, text:PATH or bin:GLOB"
+_SOURCES = "embedded, text:PATH, bin:GLOB or hf:PATH"
 
 
 class TokenShards:
@@ -88,10 +91,21 @@ class Corpus:
     val: Tokens
     vocab_size: int
     description: str
+    packed: bool = False  # hf: documents packed into windows (diloco.job.hf_data.PackedStream)
 
 
-def load_corpus(source: str, seq_len: int, val_source: str = "auto") -> Corpus:
-    """Load ``source`` (``embedded``, ``text:PATH`` or ``bin:GLOB``) for windows of ``seq_len``.
+#: Reads a tokenized source: (source, setting, held_out) -> (train, val, vocab, description), or
+#: None for a source it leaves to :func:`load_corpus` (see :func:`diloco.job.hf_data.load_data`).
+Reader = Callable[[str, str, bool], "tuple[Tokens, Tokens | None, int, str] | None"]
+
+
+def load_corpus(
+    source: str, seq_len: int, val_source: str = "auto", reader: Reader | None = None
+) -> Corpus:
+    """Load ``source`` (``embedded``, ``text:PATH``, ``bin:GLOB`` or ``hf:PATH``) for windows of
+    ``seq_len``. ``reader`` reads the sources a tokenizer turns into tokens (``hf:PATH``, and
+    ``text:PATH`` with ``data.tokenizer``: :func:`diloco.job.hf_data.load_data`); without it a
+    ``text:`` file is byte tokens and ``hf:`` is refused.
 
     ``val_source`` (``data.val_source``): ``heldout`` takes val from ``source`` (its last bin
     shard, the last tenth of a single shard or text file, the embedded val files); ``text:PATH``
@@ -103,12 +117,17 @@ def load_corpus(source: str, seq_len: int, val_source: str = "auto") -> Corpus:
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}; set model.block_size >= 1")
     val_from = _val_source(source, val_source)
-    train, val, vocab_size, description = _load(source, seq_len, held_out=val_from is None)
+
+    def load(source: str, key: str, held_out: bool) -> tuple[Tokens, Tokens | None, int, str]:
+        read = reader(source, key, held_out) if reader is not None else None
+        return read if read is not None else _load(source, key, seq_len, held_out)
+
+    train, val, vocab_size, description = load(source, "data.source", held_out=val_from is None)
     if val_from is not None:
-        val, _, val_vocab, val_description = _load(val_from, seq_len, held_out=False)
+        val, _, val_vocab, val_description = load(val_from, "data.val_source", held_out=False)
         vocab_size = max(vocab_size, val_vocab)
         description += f"; val: {val_description}"
-    corpus = Corpus(train, val, vocab_size, description)
+    corpus = Corpus(train, val, vocab_size, description, packed=source.startswith("hf:"))
     for split, tokens in (("train", corpus.train), ("val", corpus.val)):
         if tokens.numel() < seq_len + 1:
             raise DataError(
@@ -131,9 +150,13 @@ def _val_source(source: str, val_source: str) -> str | None:
     return f"bin:{sibling}" if _glob(sibling) else None
 
 
-def _load(source: str, seq_len: int, held_out: bool) -> tuple[Tokens, Tokens | None, int, str]:
-    """(train, val, vocabulary size, description) of ``source``; with ``held_out`` False,
-    train is every token and val None."""
+def _load(
+    source: str, key: str, seq_len: int, held_out: bool
+) -> tuple[Tokens, Tokens | None, int, str]:
+    """(train, val, vocabulary size, description) of ``source`` (the setting ``key``); with
+    ``held_out`` False, train is every token and val None."""
+    if source.startswith("hf:"):
+        raise DataError(f"{key}={source!r} needs a tokenizer; set data.tokenizer=PATH")
     if source == "embedded":
         train, val, description = _embedded()
         return train, val if held_out else None, 256, description

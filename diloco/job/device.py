@@ -24,6 +24,7 @@ import torch
 
 from diloco.comm.topology import Runtime
 from diloco.models import GPT, GPTConfig
+from diloco.models.build import ModelDims
 
 __all__ = [
     "PEAK_BF16_FLOPS",
@@ -62,10 +63,14 @@ def peak_bf16_flops(device_name: str) -> float | None:
     return None
 
 
-def flops_per_token(config: GPTConfig) -> float:
-    """F = 6·N + 12·L·C·T training FLOPs per token of a GPT of ``config`` (module docstring)."""
-    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised for real
-        n = GPT(config).num_params(non_embedding=True)
+def flops_per_token(config: GPTConfig | ModelDims) -> float:
+    """F = 6·N + 12·L·C·T training FLOPs per token of a GPT of ``config``, or of the model of
+    :class:`~diloco.models.build.ModelDims` (module docstring)."""
+    if isinstance(config, ModelDims):
+        n = config.non_embedding_params
+    else:
+        with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+            n = GPT(config).num_params(non_embedding=True)
     return 6.0 * n + 12.0 * config.n_layer * config.n_embd * config.block_size
 
 
@@ -86,7 +91,9 @@ def memory_fields(device: torch.device) -> dict[str, float]:
     }
 
 
-def run_fields(config: GPTConfig, runtime: Runtime) -> Callable[[float], dict[str, float]]:
+def run_fields(
+    config: GPTConfig | ModelDims, runtime: Runtime
+) -> Callable[[float], dict[str, float]]:
     """On CUDA, the fields of a record (or the summary) of a run of ``config`` with throughput
     ``tokens_per_s`` (all ranks): peak GPU memory, and MFU where the device's peak bf16 FLOP/s
     is known. Off CUDA, nothing (``peak_rss_mb`` is in the summary)."""

@@ -23,7 +23,14 @@ from diloco.errors import ConfigError, TopologyError
 from diloco.job.metrics import WANDB_MISSING
 from diloco.persist.resume import model_shapes
 
-__all__ = ["available_memory", "check_device", "check_memory", "check_packages", "estimate_memory"]
+__all__ = [
+    "available_memory",
+    "check_device",
+    "check_memory",
+    "check_packages",
+    "check_model",
+    "estimate_memory",
+]
 
 #: Inner optimiser state, bytes per parameter (fp32): AdamW's two moments; SGD's and Muon's
 #: momentum (Muon's AdamW-trained part has two: counted as the larger).
@@ -61,11 +68,42 @@ def check_packages(cfg: Config) -> None:
         )
 
 
+def check_model(cfg: Config) -> None:
+    """Raise when the model cannot take the run: a tokenizer (``data.tokenizer``, or the one in
+    ``model.source=hf:PATH``'s directory) with more tokens than the model's vocabulary, or more
+    streaming fragments than a Hugging Face model has layers. Checked before any data is read."""
+    from diloco.job.tokenizer import load_tokenizer, tokenizer_path
+    from diloco.models.build import model_dims
+
+    if cfg.model.source != "gpt" and cfg.outer.fragments > model_dims(cfg.model).n_layer:
+        layers = model_dims(cfg.model).n_layer
+        raise ConfigError(
+            f"outer.fragments ({cfg.outer.fragments}) must be <= the {layers} layers of "
+            f"model.source={cfg.model.source!r}: each fragment holds at least one layer"
+        )
+    path = tokenizer_path(cfg.data.tokenizer, cfg.model.source)
+    if not path:
+        return
+    tokens, vocab = load_tokenizer(path).vocab_size, model_dims(cfg.model).vocab_size
+    if tokens <= vocab:
+        return
+    if cfg.model.source == "gpt":
+        fix = f"set model.vocab_size >= {-(-tokens // 64) * 64}"
+    else:
+        fix = f"use the model's own tokenizer or a model config with vocab_size >= {tokens}"
+    raise ConfigError(
+        f"data.tokenizer={path!r} has {tokens} tokens, more than the vocabulary of "
+        f"model.source={cfg.model.source!r} ({vocab}); {fix}"
+    )
+
+
 def estimate_memory(cfg: Config) -> dict[str, float]:
     """Bytes one process needs, by part: ``{"parameters", "gradients", "inner state",
     "outer state", "exchange", "activations", "val batches"}``; ``"outer state"`` lives in host
     RAM with ``outer.offload=cpu``, ``"val batches"`` always."""
-    m, o = cfg.model, cfg.outer
+    from diloco.models.build import model_dims
+
+    m, o = model_dims(cfg.model), cfg.outer
     n = sum(math.prod(shape) for shape in model_shapes(cfg).values()) / cfg.topology.shards
     outer = {"none": 0, "sgd": 4, "nesterov": 8 if o.momentum > 0 else 4, "ema_nesterov": 8}
     groups = cfg.topology.groups

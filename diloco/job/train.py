@@ -49,14 +49,16 @@ from diloco.errors import ConfigError, TopologyError, note, warn
 from diloco.files import write_atomic, write_text_atomic
 from diloco.job import events
 from diloco.job.batches import Prefetcher
-from diloco.job.data import BatchStream, eval_batches, load_corpus, shard_batch
+from diloco.job.data import eval_batches, shard_batch
 from diloco.job.device import Clock, StepTimes, run_fields, set_fast_matmul
 from diloco.job.elastic import GroupState, elastic_summary, group_config
+from diloco.job.hf_data import load_data, make_stream
 from diloco.job.inner import build_inner_optimizer, build_scheduler, clip_gradients, scalar
 from diloco.job.metrics import MetricsLogger, peak_rss_mb
-from diloco.job.preflight import check_device, check_memory, check_packages
+from diloco.job.preflight import check_device, check_memory, check_model, check_packages
 from diloco.job.progress import ProgressBar
-from diloco.models import GPT, GPTConfig, compile_gpt
+from diloco.models.build import build_model as build_configured_model
+from diloco.models.build import model_dims
 from diloco.persist.checkpoint import Checkpointer
 from diloco.persist.resume import plan_resume, read_meta
 from diloco.persist.rundir import RunLock, check_out_dir, guard_finished
@@ -65,19 +67,18 @@ from diloco.testing import faults
 __all__ = ["train", "build_model", "build_inner", "build_diloco", "evaluate"]
 
 
-def build_model(cfg: Config, vocab_size: int) -> GPT:
-    """The GPT of ``cfg.model``, initialised from ``run.seed`` (identical on every rank);
-    compiled with ``train.compile`` (:func:`diloco.models.compile_gpt`)."""
-    if vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus vocabulary "
-            f"({vocab_size}); set model.vocab_size >= {vocab_size}"
-        )
-    torch.manual_seed(cfg.run.seed)
-    model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
-    if cfg.train.compile:
-        compile_gpt(model)
-    return model
+def build_model(cfg: Config, vocab_size: int) -> nn.Module:
+    """The model of ``cfg.model`` (the GPT, or ``model.source=hf:PATH``), initialised from
+    ``run.seed`` (identical on every rank) or loaded from the directory's weights; compiled with
+    ``train.compile`` and recomputed with ``train.activation_checkpointing``
+    (:func:`diloco.models.build.build_model`)."""
+    return build_configured_model(
+        cfg.model,
+        cfg.run.seed,
+        vocab_size,
+        compile=cfg.train.compile,
+        recompute=cfg.train.activation_checkpointing,
+    )
 
 
 def build_inner(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
@@ -263,6 +264,7 @@ def train(
     check_out_dir(cfg.run.out_dir)  # the input and the machine first, before any work
     check_device(cfg.run.device)
     check_packages(cfg)
+    check_model(cfg)
     check_memory(cfg)
     o = cfg.outer
     if cfg.topology.elastic:
@@ -337,11 +339,12 @@ def _train(
     continues = resume_from is not None and read_meta(resume_from)["step"] < cfg.train.steps
     guard_finished(out_dir, continues, force, runtime.is_main)
     seq_len = cfg.model.block_size
-    corpus = load_corpus(cfg.data.source, seq_len, cfg.data.val_source)
+    corpus = load_data(cfg, runtime)
     deepspeed = cfg.inner.engine == "deepspeed"
     model, dl, scheduler, make_checkpointer = _build_engine(cfg, runtime, corpus.vocab_size)
-    B, vocab = cfg.data.batch_size, cfg.model.vocab_size
-    stream = BatchStream(corpus.train, B, seq_len, cfg.run.seed, runtime.group, vocab)
+    dims = model_dims(cfg.model)
+    B, vocab = cfg.data.batch_size, dims.vocab_size
+    stream = make_stream(corpus, B, seq_len, cfg.run.seed, runtime, vocab)
     batches = Prefetcher(stream, runtime.shard, runtime.shards, runtime.device)
     val = eval_batches(corpus.val, B, seq_len, cfg.train.eval_batches, vocab)
     torch.manual_seed(cfg.run.seed + 1000 * runtime.group + runtime.shard)  # dropout streams
@@ -368,7 +371,7 @@ def _train(
     logger.truncate_after(first_step - 1 if resumed else -1)  # drop what a crashed run logged
     bar = ProgressBar(steps, enabled=runtime.is_main and cfg.run.progress, start=first_step - 1)
     timers = StepTimes(Clock(runtime.device))
-    device_fields = run_fields(GPTConfig(**dataclasses.asdict(cfg.model)), runtime)
+    device_fields = run_fields(dims, runtime)
     start = time.perf_counter()
     round_fields: dict[str, float] = {}
     if resumed is None:

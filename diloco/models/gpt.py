@@ -26,7 +26,9 @@ from diloco.errors import ConfigError
 
 @dataclass
 class GPTConfig:
-    """Model hyper-parameters; ``n_embd`` must be divisible by ``n_head``."""
+    """Model hyper-parameters; ``n_embd`` must be divisible by ``n_head``. ``source`` mirrors
+    ``model.source`` so that a ``model`` config section converts as it is; it must be ``gpt``
+    (a Hugging Face model is built by :func:`diloco.models.build.build_model`)."""
 
     vocab_size: int = 256
     block_size: int = 128
@@ -35,8 +37,14 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False
+    source: str = "gpt"
 
     def __post_init__(self) -> None:
+        if self.source != "gpt":
+            raise ConfigError(
+                f"GPTConfig(source={self.source!r}) is not the built-in GPT; build model.source "
+                "models with diloco.models.build.build_model"
+            )
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")

@@ -26,7 +26,7 @@ from diloco.files import write_atomic
 from diloco.persist.checkpoint_files import load_dcp
 from diloco.persist.resume import CHECKPOINTS, config_of, newest_checkpoint, read_meta
 
-__all__ = ["export", "load_theta"]
+__all__ = ["export", "find_checkpoint", "load_theta"]
 
 _SUFFIXES = (".safetensors", ".pt")
 
@@ -51,7 +51,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]
                 "writing .safetensors needs the safetensors package (pip install safetensors); "
                 "or use --out model.pt"
             ) from None
-    ckpt, meta = _find(Path(run_dir))
+    ckpt, meta = find_checkpoint(Path(run_dir))
     state = gpt_state_dict(ckpt, meta)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,8 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]
     return {"checkpoint": str(ckpt), "step": meta["step"], "params": params, "out": str(out)}
 
 
-def _find(path: Path) -> tuple[Path, dict[str, Any]]:
+def find_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint, its meta) of checkpoint ``path``, or of the newest one in run ``path``."""
     if (path / "meta.json").exists():
         return path, read_meta(path)
     if not path.is_dir():
@@ -108,6 +109,11 @@ def gpt_state_dict(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     from diloco.models import GPT, GPTConfig
 
     cfg = config_of(meta)
+    if cfg.model.source != "gpt":
+        raise DilocoError(
+            f"{ckpt} trained model.source={cfg.model.source!r}; export it with --format hf "
+            "--out DIR (a Hugging Face model directory)"
+        )
     model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
     missing, unexpected = model.load_state_dict(load_theta(ckpt, meta), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:

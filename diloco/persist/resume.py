@@ -10,15 +10,12 @@ cadence, torch.compile, G, S, device), unless ``--force``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from diloco.config import (
     FINGERPRINT_IGNORE,
@@ -231,11 +228,10 @@ def check_compatible(
 
 
 def model_shapes(cfg: Config) -> dict[str, list[int]]:
-    """``{fqn: shape}`` of the trainable parameters of ``cfg.model``'s GPT (built on meta)."""
-    from diloco.models import GPT, GPTConfig
+    """``{fqn: shape}`` of the trainable parameters of ``cfg.model``'s model (built on meta)."""
+    from diloco.models.build import meta_model
 
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
+    model = meta_model(cfg.model)
     return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
