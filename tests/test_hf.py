@@ -241,7 +241,7 @@ def test_text_file_with_the_tokenizer_and_activation_checkpointing_train(files, 
 def readme_commands() -> list[list[str]]:
     """The argument lists of the README's three commands from a text file to an HF model."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Your text, a Hugging Face model")[1]
+    section = readme.split("## Bring your own model")[1]
     block = section.split("```bash\n")[1].split("```")[0].replace("\\\n", " ")
     return [shlex.split(line.split("#")[0])[1:] for line in block.splitlines() if line.strip()]
 
