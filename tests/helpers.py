@@ -73,3 +73,23 @@ def run_cli(
 def same_fields(path: Path) -> list[dict]:
     """Every record of a metrics.jsonl without its timings (keys ending in ``_s``)."""
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in read_metrics(path)]
+
+
+def logging_run(out_dir, *extra: str) -> list[str]:
+    """The loggers' tests' job: a 1-layer, width-32 GPT, 10 steps with K = 5 and an evaluation
+    every 5 steps, into ``out_dir``; ``extra`` settings are appended."""
+    return [
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=32",
+        "data.batch_size=4",
+        "train.steps=10",
+        "train.eval_every=5",
+        "train.eval_batches=1",
+        "inner.warmup_steps=2",
+        "outer.sync_every=5",
+        "run.progress=false",
+        f"run.out_dir={out_dir}",
+        *extra,
+    ]

@@ -303,7 +303,7 @@ def _(ctx):
     "data-too-small",
     "corpus too small for the sequence length",
     "diloco train --set data.source=text:small.txt  (40 bytes, block_size 32)",
-    "has 40 tokens (bytes) but needs at least",
+    "has 40 tokens but needs at least",
 )
 def _(ctx):
     (ctx.tmp / "small.txt").write_text("x" * 40)

@@ -120,7 +120,7 @@ def test_text_file_too_small_for_seq_len_says_what_is_needed(tmp_path):
     with pytest.raises(
         DataError,
         match=re.escape(f"{path} has 10 tokens")
-        + ".* needs at least 18 for seq_len=8; lower model.block_size",
+        + ".* needs at least 18 for model.block_size=8; lower model.block_size",
     ):
         load_corpus(f"text:{path}", 8)
 

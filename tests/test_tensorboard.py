@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("tensorboard")
 
+from helpers import logging_run  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
     EventAccumulator,
 )
@@ -33,21 +34,7 @@ def test_logger_writes_every_finite_scalar_as_an_event(tmp_path):
 
 def test_train_with_tensorboard_writes_the_same_losses_as_the_jsonl(tmp_path):
     out = tmp_path / "run"
-    overrides = [
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "model.block_size=32",
-        "data.batch_size=4",
-        "train.steps=10",
-        "train.eval_every=5",
-        "train.eval_batches=1",
-        "inner.warmup_steps=2",
-        "outer.sync_every=5",
-        "run.progress=false",
-        "run.tensorboard=true",
-        f"run.out_dir={out}",
-    ]
+    overrides = logging_run(out, "run.tensorboard=true")
     assert main(["train", *(f"--set={o}" for o in overrides)]) == 0
     expected = [(r["step"], r["val_loss"]) for r in read_metrics(out / "metrics.jsonl")]
     assert [step for step, _ in expected] == [0, 5, 10]

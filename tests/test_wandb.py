@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("wandb", reason="needs wandb (pip install -e '.[wandb]'; the dev extra has it)")
 
+from helpers import logging_run  # noqa: E402
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 from diloco.cli import main  # noqa: E402
@@ -82,21 +83,7 @@ def test_disabled_logger_starts_no_wandb_run(tmp_path):
 
 def test_train_with_wandb_offline_logs_the_same_scalars_as_the_jsonl(tmp_path):
     out = tmp_path / "run"
-    overrides = [
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "model.block_size=32",
-        "data.batch_size=4",
-        "train.steps=10",
-        "train.eval_every=5",
-        "train.eval_batches=1",
-        "inner.warmup_steps=2",
-        "outer.sync_every=5",
-        "run.progress=false",
-        "run.wandb=offline",
-        f"run.out_dir={out}",
-    ]
+    overrides = logging_run(out, "run.wandb=offline")
     assert main(["train", *(f"--set={o}" for o in overrides)]) == 0
     records = read_metrics(out / "metrics.jsonl")
     rows = history(out)

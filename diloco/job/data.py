@@ -238,14 +238,23 @@ def _load_text(
     tokens = torch.from_file(str(path), shared=False, size=n, dtype=torch.uint8)
     if not held_out:
         return tokens, None, 256, f"text:{path} ({n} bytes, byte-level vocab 256)"
+    train, val = hold_out(tokens, seq_len, f"text corpus {path}")
+    description = f"text:{path} ({len(train)} train / {len(val)} val bytes, byte-level vocab 256)"
+    return train, val, 256, description
+
+
+def hold_out(tokens: torch.Tensor, seq_len: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a corpus of n tokens into (train, val): the last max(n/10, seq_len + 1) tokens are
+    the validation set (views, no copy). Raises DataError, naming ``what``, when the training
+    part would hold less than one window."""
+    n = tokens.numel()
     n_val = max(n // 10, seq_len + 1)
     if n - n_val < seq_len + 1:
         raise DataError(
-            f"text corpus {path} has {n} tokens (bytes) but needs at least {n_val + seq_len + 1} "
-            f"for seq_len={seq_len}; lower model.block_size or give a larger corpus"
+            f"{what} has {n} tokens but needs at least {n_val + seq_len + 1} for "
+            f"model.block_size={seq_len}; lower model.block_size or give more data"
         )
-    description = f"text:{path} ({n - n_val} train / {n_val} val bytes, byte-level vocab 256)"
-    return tokens[: n - n_val], tokens[n - n_val :], 256, description
+    return tokens[: n - n_val], tokens[n - n_val :]
 
 
 def _check_utf8(path: Path, chunk_bytes: int = 1 << 22) -> None:

@@ -32,7 +32,7 @@ from diloco.comm.topology import Runtime
 from diloco.config import Config
 from diloco.errors import CheckpointError, ConfigError, DataError
 from diloco.files import write_atomic
-from diloco.job.data import BatchStream, Corpus, check_tokens, load_corpus
+from diloco.job.data import BatchStream, Corpus, check_tokens, hold_out, load_corpus
 from diloco.job.tokenizer import TextTokenizer, load_tokenizer, tokenizer_path
 
 __all__ = [
@@ -158,18 +158,11 @@ def load_tokenized(
         if not path.is_file():
             raise DataError(f"{key}={source!r}: {path} does not exist or is not a file")
         tokens = text_tokens(path, tokenizer)
-    n = tokens.numel()
     about = f"{source} ({{}} tokens, tokenizer {tokenizer.path}, vocab {tokenizer.vocab_size})"
     if not held_out:
-        return tokens, None, tokenizer.vocab_size, about.format(n)
-    n_val = max(n // 10, seq_len + 1)
-    if n - n_val < seq_len + 1:
-        raise DataError(
-            f"{key}={source!r} has {n} tokens but needs at least {n_val + seq_len + 1} for "
-            f"model.block_size={seq_len}; lower model.block_size or give more data"
-        )
-    split = f"{n - n_val} train / {n_val} val"
-    return tokens[: n - n_val], tokens[n - n_val :], tokenizer.vocab_size, about.format(split)
+        return tokens, None, tokenizer.vocab_size, about.format(tokens.numel())
+    train, val = hold_out(tokens, seq_len, f"{key}={source!r}")
+    return train, val, tokenizer.vocab_size, about.format(f"{len(train)} train / {len(val)} val")
 
 
 def _with_eos(docs: list[list[int]], eos_id: int) -> list[np.ndarray]:
