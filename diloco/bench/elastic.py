@@ -54,6 +54,7 @@ import sys
 import time
 from pathlib import Path
 
+from diloco.job.elastic import heal_records
 from diloco.launchers.local import child_env, torchrun_cmd
 
 __all__ = ["main"]
@@ -239,8 +240,7 @@ def _rejoins(run: dict, run_dir: Path) -> tuple[list[float], list[float]]:
     """Per fault of an elastic run: kill → the killed group's next heal (s), and its MiB."""
     heals = {}
     for g in {f["group"] for f in run["faults"]}:
-        records = _read(run_dir / f"group{g}" / "metrics.jsonl")
-        heals[g] = [r for r in records if r.get("healed_self")]
+        heals[g] = heal_records(run_dir / f"group{g}" / "metrics.jsonl")
     rejoin, mib = [], []
     for f in run["faults"]:
         heal = next((h for h in heals[f["group"]] if h["healed_at"] > f["at"]), None)

@@ -18,8 +18,9 @@ from torch import Tensor
 
 from diloco.algorithm.wrapper import DiLoCo
 from diloco.config import Config
+from diloco.job.metrics import read_metrics
 
-__all__ = ["GroupState", "group_config", "group_dir"]
+__all__ = ["GroupState", "group_config", "group_dir", "heal_records"]
 
 
 def group_dir(run_dir: str | Path, group: int) -> Path:
@@ -112,3 +113,13 @@ def elastic_summary(rounds: list[dict[str, Any]], runtime: Any, dl: DiLoCo) -> d
         "theta_sum": float(total[0]),
         "theta_sumsq": float(total[1]),
     }
+
+
+def heal_records(metrics: Path) -> list[dict[str, Any]]:
+    """The records of the rounds in which a group was healed back into the quorum
+    (``healed_self``; with ``healed_at``, the wall time, and ``heal_bytes``), from its
+    ``metrics.jsonl``; none while the file is not written yet."""
+    try:
+        return [r for r in read_metrics(metrics) if r.get("healed_self")]
+    except FileNotFoundError:
+        return []

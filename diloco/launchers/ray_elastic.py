@@ -44,7 +44,8 @@ from typing import Any
 from diloco.comm.elastic.coordinator import Coordinator, CoordinatorSettings, store_port
 from diloco.config import Config
 from diloco.errors import note
-from diloco.job.elastic import group_dir
+from diloco.files import write_text_atomic
+from diloco.job.elastic import group_dir, heal_records
 from diloco.launchers.local import free_port_pair
 from diloco.launchers.ray_plan import RayLaunchError, WorkerPlan, failure_detail
 from diloco.persist.resume import list_checkpoints
@@ -210,25 +211,11 @@ def _starts(ray_dir: Path, run_name: str) -> int:
         return 0
 
 
-def _healed_at(metrics: Path) -> list[float]:
-    """Wall times at which the group was healed back into the quorum (its metrics)."""
-    if not metrics.exists():
-        return []
-    out = []
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("healed_self"):
-            out.append(record["healed_at"])
-    return out
-
-
 def _write_report(
     ray_dir: Path, address: str, restarted: bool | None, groups: list[_Group]
 ) -> dict:
     run_dir = ray_dir.parent
+    metrics = {gr.group: group_dir(run_dir, gr.group) / "metrics.jsonl" for gr in groups}
     report = {
         "launcher": "ray",
         "coordinator": address,
@@ -241,14 +228,12 @@ def _write_report(
                 "restarts": max(0, _starts(ray_dir, gr.run_name) - 1),
                 "fit_s": gr.fit_s,
                 "error": None if gr.error is None else failure_detail(gr.error),
-                "healed_at": _healed_at(group_dir(run_dir, gr.group) / "metrics.jsonl"),
+                "healed_at": [r["healed_at"] for r in heal_records(metrics[gr.group])],
             }
             for gr in groups
         ],
     }
-    tmp = run_dir / "elastic.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(run_dir / "elastic.json")
+    write_text_atomic(run_dir / "elastic.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -279,7 +264,7 @@ def _job_summary(cfg: Config, groups: list[_Group], report: dict, init_s: float)
             continue
         summary = json.loads(path.read_text(encoding="utf-8"))
         summary["ray_init_s"], summary["ray_fit_s"] = init_s, gr.fit_s
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
         summaries[gr.group] = summary
     if not summaries:
         raise RayLaunchError(f"no group wrote a summary.json under {cfg.run.out_dir}")

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import IO
 
 from diloco.errors import ConfigError, DilocoError, note
+from diloco.files import write_text_atomic
+from diloco.job.elastic import heal_records
 from diloco.launchers.local import child_env, free_port, free_port_pair, torchrun_cmd
 
 __all__ = ["GroupProcess", "Supervisor", "add_arguments", "run_from_args"]
@@ -254,7 +256,7 @@ class Supervisor:
     def _write_report(self, finished: dict[int, int]) -> dict:
         groups = []
         for gp in self.groups:
-            heals = _heal_events(self.run_dir / f"group{gp.group}" / "metrics.jsonl")
+            heals = heal_records(self.run_dir / f"group{gp.group}" / "metrics.jsonl")
             recoveries = []
             for death, restart in zip(gp.starts[:-1], gp.starts[1:], strict=True):
                 healed = next((h for h in heals if h["healed_at"] >= restart.started), None)
@@ -281,29 +283,12 @@ class Supervisor:
             "coordinator_restarts": self.coordinator.restarts,
             "groups": groups,
         }
-        tmp = self.run_dir / "elastic.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(self.run_dir / "elastic.json")
+        write_text_atomic(self.run_dir / "elastic.json", json.dumps(report, indent=2) + "\n")
         return report
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def _heal_events(metrics: Path) -> list[dict]:
-    """The records of rounds in which this group was healed (wall time, bytes)."""
-    if not metrics.exists():
-        return []
-    out = []
-    for line in metrics.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if r.get("healed_self"):
-            out.append(r)
-    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
