@@ -71,13 +71,17 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="diloco-heartbeat", daemon=True)
         self._thread.start()
 
+    @property
+    def interval(self) -> float:
+        """Seconds between beats: a tenth of the heartbeat timeout."""
+        return max(0.05, self.timeout_s / 10)
+
     def _run(self) -> None:
-        interval = max(0.05, self.timeout_s / 10)
         clients: dict[str, Any] = {}
         while not self._stop.is_set():
             if self.alive():  # a hung loop stops beating: the others drop this group
                 self.beat(clients)
-            self._stop.wait(interval)
+            self._stop.wait(self.interval)
 
     def beat(self, clients: dict[str, Any] | None = None) -> None:
         """One beat to the store counter and to the lighthouse. ``clients`` keeps the

@@ -258,6 +258,12 @@ class Membership:
                     leader.quorum_client = LighthouseClient(
                         self._url(), connect_timeout=timedelta(seconds=5)
                     )
+                if self._said_kept:  # the coordinator was away: is it back?
+                    leader.quorum_client.heartbeat(leader.replica_id, timeout=timedelta(seconds=2))
+                    # A restarted coordinator knows only the groups whose heartbeats reached it,
+                    # and would form the first quorum without the others: let every live group's
+                    # heartbeat thread reach it first.
+                    time.sleep(3 * self.heartbeat.interval)
                 left = max(1.0, deadline - time.monotonic())
                 raw = leader.quorum_client.quorum(
                     replica_id=leader.replica_id,
