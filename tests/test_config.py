@@ -393,7 +393,7 @@ ENUMS = {
     "outer.offload": "none, cpu",
     "outer.compress": "none, bf16, int8",
     "topology.backend": "auto, gloo, nccl",
-    "topology.mixed_precision": "auto, fp32, bf16",
+    "topology.mixed_precision": "auto, fp32, bf16, fp64",
 }
 
 
@@ -760,6 +760,10 @@ def test_deepspeed_passthrough_from_the_command_line():
             {"inner.engine": "deepspeed", "inner.deepspeed": {"zero_optimization": 2}},
             "inner.deepspeed.zero_optimization must be a mapping",
         ),
+        (
+            {"inner.engine": "deepspeed", "topology.mixed_precision": "fp64"},
+            "topology.mixed_precision=fp64 with inner.engine=deepspeed",
+        ),
     ],
     ids=[
         "stage",
@@ -769,6 +773,7 @@ def test_deepspeed_passthrough_from_the_command_line():
         "muon",
         "streaming",
         "zero_optimization-not-a-mapping",
+        "fp64",
     ],
 )
 def test_deepspeed_settings_are_validated(settings, message):

@@ -49,15 +49,38 @@ BF16 = "topology.mixed_precision=bf16"
 LAUNCH_TIMEOUT_S = 240
 
 
+#: The default model (4 layers, width 128, block 128, batch 16), two groups, on settings where
+#: fp32 layouts drift apart by amplified roundoff (docs/distributed.md): clipping engages on
+#: the warm-up steps and on a loss spike at step 16. In fp64 the layouts must agree.
+DEFAULT_MODEL_FP64 = [
+    "train.steps=32",
+    "inner.warmup_steps=4",
+    "outer.sync_every=8",
+    "train.eval_every=16",
+    "train.log_every=1",
+    "run.device=cpu",
+    "run.progress=false",
+    "topology.backend=gloo",
+    "topology.mixed_precision=fp64",
+    "topology.groups=2",
+]
+
+
 def torchrun(
-    out_dir: Path, nproc: int, overrides: list[str], timeout: float = LAUNCH_TIMEOUT_S
+    out_dir: Path,
+    nproc: int,
+    overrides: list[str],
+    timeout: float = LAUNCH_TIMEOUT_S,
+    base: list[str] = TINY,
 ) -> subprocess.CompletedProcess:
-    """``torchrun -m diloco train`` of TINY + ``overrides`` in ``out_dir``."""
-    return run_torchrun(nproc, [*TINY, f"run.out_dir={out_dir}", *overrides], timeout=timeout)
+    """``torchrun -m diloco train`` of ``base`` (TINY) + ``overrides`` in ``out_dir``."""
+    return run_torchrun(nproc, [*base, f"run.out_dir={out_dir}", *overrides], timeout=timeout)
 
 
-# The torchrun jobs the tests compare: name -> (processes, overrides).
+# The torchrun jobs the tests compare: name -> (processes, overrides[, base settings]).
 LAUNCHES = {
+    "default_g2s2_fp64": (4, ["topology.shards=2"], DEFAULT_MODEL_FP64),
+    "default_g2s1_fp64": (2, [], DEFAULT_MODEL_FP64),
     "g2s2": (4, ["topology.groups=2", "topology.shards=2"]),
     "g2s2_ema": (4, ["topology.groups=2", "topology.shards=2", *EMA]),
     "g2s1": (2, ["topology.groups=2"]),
@@ -81,8 +104,8 @@ class Runs:
         self._done: dict[str, Path] = {}
         self._jobs = {name: pool.submit(self._launch, name, *job) for name, job in LAUNCHES.items()}
 
-    def _launch(self, name: str, nproc: int, overrides: list[str]) -> Path:
-        result = torchrun(self.root / name, nproc, overrides)
+    def _launch(self, name: str, nproc: int, overrides: list[str], base: list[str] = TINY) -> Path:
+        result = torchrun(self.root / name, nproc, overrides, base=base)
         assert result.returncode == 0, f"{name} failed:\n{result.stderr[-4000:]}"
         return self.root / name
 
@@ -253,11 +276,18 @@ def assert_matches_reference(run: Path, ref: dict, atol: float) -> None:
 # the specification
 
 
-def assert_clipping_engaged(run: Path, max_norm: float = 1.0) -> None:
-    """Every logged step's gradient norm (before clipping) exceeded ``inner.grad_clip``: the
-    comparison covers the clipped path (a global norm over the shards of a group)."""
+def clipped_steps(run: Path, max_norm: float = 1.0) -> tuple[int, int]:
+    """(logged steps whose gradient norm before clipping exceeded ``inner.grad_clip``, logged
+    steps): how much of a comparison covers the clipped path (a global norm over the shards of
+    a group)."""
     norms = [r["grad_norm"] for r in read_metrics(run / "metrics.jsonl") if "grad_norm" in r]
-    assert len(norms) >= STEPS // 4 and min(norms) > max_norm, norms
+    return sum(n > max_norm for n in norms), len(norms)
+
+
+def assert_clipping_engaged(run: Path) -> None:
+    """Every logged step's gradients were clipped."""
+    clipped, logged = clipped_steps(run)
+    assert logged >= STEPS // 4 and clipped == logged, (clipped, logged)
 
 
 def test_sharded_groups_equal_unsharded_groups(runs):
@@ -266,6 +296,24 @@ def test_sharded_groups_equal_unsharded_groups(runs):
     for run in ("g2s2", "g2s1"):
         assert_clipping_engaged(runs.get(run))
     assert_runs_match(runs.get("g2s2"), runs.get("g2s1"), atol=2e-6, rtol=1e-6)
+
+
+def test_sharded_groups_equal_unsharded_groups_on_the_default_model_in_fp64(runs):
+    """The default model, G=2 × S=2 vs G=2 × S=1 in float64, clipping engaged: the same maths
+    to 1e-9 in every loss and in θ (measured: 1e-11). In fp32 the same pair ends 3e-4 to 2.5e-3
+    apart after 48 steps, about as far as an fp32 run is from itself with 2 threads per rank
+    instead of 1: roundoff amplified by the loss spike, not a sharding error."""
+    sharded, unsharded = runs.get("default_g2s2_fp64"), runs.get("default_g2s1_fp64")
+    for run in (sharded, unsharded):
+        clipped, logged = clipped_steps(run)
+        assert logged == 32 and clipped >= 8, (clipped, logged)
+    assert_runs_match(sharded, unsharded, atol=1e-9)
+    theta = final_theta(unsharded)
+    assert theta["wte.weight"].dtype == torch.float64
+    del theta["lm_head.weight"]  # tied to wte.weight: one parameter
+    params = sum(t.numel() for t in theta.values())
+    rounds = [r for r in read_metrics(unsharded / "metrics.jsonl") if "bytes_sent" in r]
+    assert [r["bytes_sent"] for r in rounds] == [2 * (2 - 1) / 2 * params * 8] * 4  # fp64 Δ
 
 
 #: bf16 runs must agree to 5e-3 in (fp32) loss: less than the rounding of a loss of about 3.5 to

@@ -128,3 +128,13 @@ def test_loss_is_computed_in_fp32_from_bf16_parameters():
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     flat = logits.float().view(-1, CONFIG.vocab_size)
     assert torch.equal(loss, torch.nn.functional.cross_entropy(flat, y.reshape(-1)))
+
+
+def test_loss_of_fp64_parameters_stays_fp64():
+    """An fp64 run (``topology.mixed_precision: fp64``) computes the loss in fp64: widening to
+    at least fp32 never narrows."""
+    x, y = random_batch()
+    logits, loss = make_model().to(torch.float64)(x, y)
+    assert logits.dtype == loss.dtype == torch.float64
+    flat = logits.view(-1, CONFIG.vocab_size)
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(flat, y.reshape(-1)))

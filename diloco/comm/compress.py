@@ -179,17 +179,20 @@ def make_codec(compress: str, block: int = 256) -> Codec | None:
     raise ValueError(f"compress must be one of {', '.join(COMPRESS_METHODS)}; got {compress!r}")
 
 
-def bytes_sent(numel: int, groups: int, compress: str = "none", block: int = 256) -> float:
+def bytes_sent(
+    numel: int, groups: int, compress: str = "none", block: int = 256, itemsize: int = 4
+) -> float:
     """Bytes one rank sends to average one bucket of ``numel`` elements over ``groups``.
 
-    ``none``: fp32 ring all-reduce, 2(G−1)/G·4·n. ``bf16``/``int8``: the two-phase exchange,
-    2·(G−1)·P with P the payload of one chunk (module docstring). 0 for G = 1 or n = 0.
+    ``none``: ring all-reduce of ``itemsize``-byte elements (fp32: 4), 2(G−1)/G·itemsize·n.
+    ``bf16``/``int8``: the two-phase exchange, 2·(G−1)·P with P the payload of one chunk
+    (module docstring). 0 for G = 1 or n = 0.
     """
     if groups <= 1 or numel == 0:
         return 0.0
     codec = make_codec(compress, block)
     if codec is None:
-        return 2 * (groups - 1) / groups * numel * 4
+        return 2 * (groups - 1) / groups * numel * itemsize
     return float(2 * (groups - 1) * codec.payload_bytes(codec.chunk(numel, groups)))
 
 

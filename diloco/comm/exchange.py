@@ -6,7 +6,8 @@ quorum. Which process group, how many groups are in it and which of them send a 
 :class:`Link`; the arithmetic is the same for both.
 
 A rank's local tensors (this shard of every parameter) are packed, in parameter order, into flat
-fp32 buckets of at most ``bucket_mb`` MiB (a larger tensor is a bucket of its own). A bucket of
+fp32 buckets of at most ``bucket_mb`` MiB (a larger tensor is a bucket of its own); an fp64 run
+(``topology.mixed_precision: fp64``) averages uncompressed Δ in fp64 buckets. A bucket of
 n members is averaged
 
 * ``compress="none"``: by one fp32 ``all_reduce`` (AVG when every member contributes, else SUM
@@ -133,12 +134,13 @@ class BucketExchange:
         #: The error-feedback residuals (None without compression).
         self.error_feedback: ErrorFeedback | None = ErrorFeedback() if self.codec else None
 
-    def buckets(self, tensors: list[Tensor]) -> list[list[int]]:
-        """Indices of ``tensors`` per bucket: consecutive, at most ``bucket_mb`` of fp32 each."""
+    def buckets(self, tensors: list[Tensor], itemsize: int = 4) -> list[list[int]]:
+        """Indices of ``tensors`` per bucket: consecutive, at most ``bucket_mb`` MiB each of
+        ``itemsize``-byte elements (fp32: 4)."""
         out: list[list[int]] = []
         size = 0
         for i, t in enumerate(tensors):
-            nbytes = t.numel() * 4
+            nbytes = t.numel() * itemsize
             if not out or (size + nbytes > self.bucket_bytes and size > 0):
                 out.append([])
                 size = 0
@@ -208,9 +210,12 @@ class Exchange:
         self.x, self.tensors, self.link = owner, tensors, link
         dev = owner.device
         self.residuals = owner.residuals(tensors, ids)
+        #: The dtype Δ travels in: fp32, or fp64 for fp64 tensors without compression.
+        wide = owner.codec is None and any(t.dtype == torch.float64 for t in tensors)
+        self.dtype = torch.float64 if wide else torch.float32
         self.todo = deque(
             _Bucket(idx, sum(tensors[i].numel() for i in idx))
-            for idx in owner.buckets(tensors)
+            for idx in owner.buckets(tensors, self.dtype.itemsize)
             if sum(tensors[i].numel() for i in idx) > 0
         )
         self.done: list[_Bucket] = []
@@ -237,10 +242,10 @@ class Exchange:
         n, m = link.size, link.contributors
         bucket = [self.tensors[i] for i in b.idx]
         if link.contributes:
-            flat = torch.cat([t.reshape(-1).to(x.device, torch.float32) for t in bucket])
+            flat = torch.cat([t.reshape(-1).to(x.device, self.dtype) for t in bucket])
             self.own_sq += torch.dot(flat, flat).double()
         else:
-            flat = torch.zeros(b.numel, dtype=torch.float32, device=x.device)
+            flat = torch.zeros(b.numel, dtype=self.dtype, device=x.device)
         if x.codec is None:
             op = dist.ReduceOp.AVG if m == n else dist.ReduceOp.SUM
             b.work = dist.all_reduce(flat, op=op, group=link.pg, async_op=True)
@@ -253,7 +258,7 @@ class Exchange:
             b.recv = torch.empty_like(send)
             b.work = dist.all_to_all_single(b.recv, send, group=link.pg, async_op=True)
             b.send = send  # kept alive until the collective completes
-        self.sent += bytes_sent(b.numel, n, x.compress, x.block)
+        self.sent += bytes_sent(b.numel, n, x.compress, x.block, self.dtype.itemsize)
 
     def _complete(self, b: _Bucket) -> None:
         """Finish bucket ``b``: its mean into the caller's tensors, its statistics."""
@@ -284,7 +289,7 @@ class Exchange:
         bucket = [self.tensors[i] for i in b.idx]
         for t, avg in zip(bucket, mean.split([t.numel() for t in bucket]), strict=True):
             if link.contributes:
-                own = t.reshape(-1).to(x.device, torch.float32)
+                own = t.reshape(-1).to(x.device, self.dtype)
                 self.own_dot += torch.dot(own, avg).double()
             t.copy_(avg.view_as(t))
         b.flat = b.recv = b.send = b.work = None

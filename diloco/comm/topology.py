@@ -57,7 +57,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 compute on CUDA, fp32 on CPU; ``fp32`` and ``bf16`` are kept."""
+    """``auto`` is bf16 compute on CUDA, fp32 on CPU; ``fp32``, ``bf16`` and ``fp64`` are kept."""
     if mixed_precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return mixed_precision
@@ -80,7 +80,7 @@ class Runtime:
     shards: int = 1
     reducer: PseudoGradientReducer = field(default_factory=SingleGroup)
     mesh: DeviceMesh | None = None
-    precision: str = "fp32"  # resolved compute precision: fp32 or bf16
+    precision: str = "fp32"  # resolved compute precision: fp32, bf16 or fp64
     _sharded: bool = False
     owns_process_group: bool = False  # False when a launcher (e.g. Ray Train) created it
     #: Elastic worker groups: this rank's :class:`~diloco.comm.elastic.membership.Membership`
@@ -114,11 +114,13 @@ class Runtime:
         same full initial weights (``build_model`` seeds before construction): the shards are
         cut from them. With bf16 the policy computes in bf16 and reduces gradients in fp32; the
         sharded parameters (the fast weights φ) stay fp32. With S = 1 the model stays a plain
-        module and bf16 compute comes from :meth:`autocast`.
+        module and bf16 compute comes from :meth:`autocast`. With fp64 the parameters (and so
+        every gradient, optimiser state, slow weight and exchanged Δ) are float64.
         """
         if mixed_precision is not None:
             self.precision = resolve_mixed_precision(mixed_precision, self.device)
-        model = model.to(self.device)
+        dtype = torch.float64 if self.precision == "fp64" else None
+        model = model.to(self.device, dtype)
         if self.mesh is None or self.shards == 1:
             return model
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -171,6 +171,11 @@ def validate(cfg: Config) -> None:
         f"e.g. data.batch_size={topology.shards * math.ceil(data.batch_size / topology.shards)}",
     )
     _check(
+        topology.mixed_precision != "fp64" or inner.engine != "deepspeed",
+        "topology.mixed_precision=fp64 with inner.engine=deepspeed: the DeepSpeed engine trains "
+        "in fp32 or bf16 only; use topology.mixed_precision=fp32 or inner.engine=fsdp2",
+    )
+    _check(
         inner.optimizer != "muon" or topology.shards == 1,
         f"inner.optimizer=muon with topology.shards={topology.shards}: Muon orthogonalises whole "
         f"weight matrices but each FSDP2 shard holds a slice of rows; use topology.shards=1 "

@@ -258,7 +258,10 @@ class TopologyConfig:
         ("auto", "gloo", "nccl"),
     )
     mixed_precision: str = _field(
-        "auto", "Compute precision; auto = bf16 on CUDA, fp32 on CPU.", ("auto", "fp32", "bf16")
+        "auto",
+        "Compute precision; auto = bf16 on CUDA, fp32 on CPU; fp64 (every tensor in float64) is "
+        "for checking that two layouts compute the same maths (docs/distributed.md).",
+        ("auto", "fp32", "bf16", "fp64"),
     )
     timeout_s: int = _field(300, "Process-group timeout in seconds (elastic: also the exchange's).")
     elastic: bool = _field(False, "Groups that may die, stall or join mid-run (docs/elastic.md).")

@@ -100,7 +100,8 @@ def check_model(cfg: Config) -> None:
 def estimate_memory(cfg: Config) -> dict[str, float]:
     """Bytes one process needs, by part: ``{"parameters", "gradients", "inner state",
     "outer state", "exchange", "activations", "val batches"}``; ``"outer state"`` lives in host
-    RAM with ``outer.offload=cpu``, ``"val batches"`` always."""
+    RAM with ``outer.offload=cpu``, ``"val batches"`` always. An fp64 run needs twice the bytes
+    of an fp32 one for everything but the val batches."""
     from diloco.models.build import model_dims
 
     m, o = model_dims(cfg.model), cfg.outer
@@ -118,13 +119,14 @@ def estimate_memory(cfg: Config) -> dict[str, float]:
     # (H·T) are not stored: scaled_dot_product_attention uses fused kernels on CPU and GPU.
     per_token = (2 if _bf16(cfg) else 4) * 17 * m.n_embd
     logits = 2 * tokens * m.vocab_size * 4  # fp32 logits for the loss, and their gradient
+    wide = 2 if cfg.topology.mixed_precision == "fp64" else 1
     return {
-        "parameters": 4 * n,
-        "gradients": 4 * n,
-        "inner state": _INNER_STATE[cfg.inner.optimizer] * n,
-        "outer state": outer[o.method] * n,
-        "exchange": exchange,
-        "activations": m.n_layer * tokens * per_token + logits,
+        "parameters": wide * 4 * n,
+        "gradients": wide * 4 * n,
+        "inner state": wide * _INNER_STATE[cfg.inner.optimizer] * n,
+        "outer state": wide * outer[o.method] * n,
+        "exchange": wide * exchange,
+        "activations": wide * (m.n_layer * tokens * per_token + logits),
         "val batches": 2 * 8 * cfg.train.eval_batches * cfg.data.batch_size * t,
     }
 

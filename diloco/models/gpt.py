@@ -191,10 +191,15 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
-        # The loss in fp32 whatever the compute dtype: under autocast cross-entropy runs in fp32
-        # anyway; with bf16 parameters (FSDP2's mixed precision) the logits are bf16.
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss
+        return logits, lm_loss(logits, targets)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` [B, T, V] against ``targets`` [B, T], computed in at
+    least fp32 whatever the compute dtype (bf16 logits from FSDP2's bf16 parameters are upcast;
+    under autocast cross-entropy runs in fp32 anyway; fp64 logits stay fp64)."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.flatten(0, 1).to(wide), targets.flatten())
 
 
 def compile_gpt(model: GPT) -> None:

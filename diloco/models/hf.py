@@ -5,7 +5,7 @@ PATH is a local directory holding a ``config.json`` (and, to continue training, 
 :class:`HFCausalLM` wraps the ``transformers`` model so that the job treats it like the GPT:
 
     logits = hf(input_ids=idx).logits                            [B, T, V]
-    loss   = mean_{b,t} -log softmax(logits[b, t])[targets[b, t]]   (fp32, any compute dtype)
+    loss   = mean_{b,t} -log softmax(logits[b, t])[targets[b, t]]   (at least fp32)
 
 Its parameters are the wrapped model's under the prefix ``hf.`` (``hf.model.layers.3.…``), so a
 decoder layer's parameters carry its index as their first all-digit name component, which is
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diloco.errors import ConfigError
+from diloco.models.gpt import lm_loss
 
 __all__ = [
     "HFCausalLM",
@@ -183,7 +183,7 @@ class HFCausalLM(nn.Module):
         """(logits, mean cross-entropy in fp32 vs ``targets``, or None)."""
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, lm_loss(logits, targets)
 
 
 def compile_hf(model: HFCausalLM) -> None:
