@@ -28,8 +28,9 @@ round is known to be finite: one fp32 copy of the local shard).
 all of them travel during the inner steps it overlaps with.
 
 **Statistics** (every rank gets the same values): ``bytes_sent`` (this rank, for Δ: fp32 ring
-all-reduce 2(n−1)/n·4·numel per bucket; compressed 2(n−1)·P), ``buckets``, ``group_cosine`` (mean
-over the contributors of cos(Δ_g, Δ̄), Δ̄ the applied mean, over the whole model),
+all-reduce 2(n−1)/n·4·numel per bucket, 8 bytes per element in fp64; compressed 2(n−1)·P),
+``buckets``, ``group_cosine`` (mean over the contributors of cos(Δ_g, Δ̄), Δ̄ the applied mean,
+over the whole model),
 ``pairwise_cosine`` (two contributors, no compression: cos(Δ_1, Δ_2) from the same scalars:
 ⟨Δ_1, Δ_2⟩ = 2‖Δ̄‖² − (‖Δ_1‖² + ‖Δ_2‖²)/2), ``residual_norm`` (compressed: sqrt of the members'
 mean ‖e_g‖²). They cost one all-reduce of 4n + 3 float64 scalars over every rank (per-member
