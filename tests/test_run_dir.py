@@ -54,11 +54,23 @@ def digest(root: Path) -> dict[str, str]:
     }
 
 
+def _ctrl_c_reaches_the_child() -> None:
+    """SIGINT back to its default, as in a terminal's foreground job: a test run started in
+    the background of a script inherits SIGINT ignored, and so would its children."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_job(tmp_path: Path, out: Path, steps: int) -> subprocess.Popen:
     """``python -m diloco train`` of ``steps`` steps in a child process."""
     args = sets(overrides(tmp_path, out, f"train.steps={steps}"))
     cmd = [sys.executable, "-m", "diloco", "train", *args]
-    return subprocess.Popen(cmd, env=child_env(), stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd,
+        env=child_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ctrl_c_reaches_the_child,
+    )
 
 
 def wait_for(path: Path, timeout: float = 120) -> None:
