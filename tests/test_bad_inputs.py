@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a script to regenerate docs/errors.md
     sys.path.insert(0, str(REPO))
 
-from diloco import cli  # noqa: E402
+from diloco import cli, errors  # noqa: E402
 from diloco.config import load_config  # noqa: E402
 from diloco.job.train import train  # noqa: E402
 from diloco.launchers.local import child_env  # noqa: E402
@@ -865,11 +865,12 @@ def digest(root: Path) -> dict[str, str]:
 def patched_env(env: dict[str, str]) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    grace, cli._RANK_ERROR_GRACE_S = getattr(cli, "_RANK_ERROR_GRACE_S", 0), 0
+    # A case posing as one rank of several has no peers to wait for (diloco.errors.report_error).
+    wait, errors.RANK_REPORT_TIMEOUT_S = errors.RANK_REPORT_TIMEOUT_S, 0.0
     try:
         yield
     finally:
-        cli._RANK_ERROR_GRACE_S = grace
+        errors.RANK_REPORT_TIMEOUT_S = wait
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
